@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+# Ray reads its authentication mode at import: set it before any test module imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data" / "samples"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance with token authentication on (as every rl-seg entry point starts it)."""
+    import ray
+
+    from rl_seg.ray_env import init_ray
+
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    yield ray
+    ray.shutdown()
