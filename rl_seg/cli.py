@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import ConfigError
 from .data import DataError
 
 
@@ -38,6 +39,52 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace, cls):
+    from .config import describe, load_config
+
+    if args.help_config:
+        print(describe(cls))
+        return None
+    return load_config(cls, args.config, args.overrides)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .sft import SFTConfig, run_sft
+
+    cfg = _run_config(args, SFTConfig)
+    if cfg is None:
+        return 0
+    result = run_sft(cfg)
+    print(f"best mean validation Dice {result['best_mean_val_dice']:.4f} after {result['steps']} steps "
+          f"({result['seconds']:.0f} s): {result['best']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .evaluate import evaluate_policy, report_text
+    from .policy import load_policy
+    from .policy.lora import load_adapter
+    from .score import plot_sweep, write_json
+
+    policy = load_policy(args.policy, device=args.device)
+    if args.adapter:
+        policy = load_adapter(policy, args.adapter)
+    dataset = load_dataset(args.data, args.split)
+    report = evaluate_policy(policy, dataset, args.thresholds, overlays=args.overlays, progress=not args.quiet)
+    if args.adapter:
+        report["adapter"] = str(args.adapter)
+    print(report_text(report))
+    if args.out:
+        print(f"wrote {write_json(report, args.out)}")
+        plot = Path(args.out).with_suffix(".sweep.png")
+        if len(report["thresholds"]) > 1:
+            print(f"wrote {plot_sweep(report, plot)}")
+    if args.overlays:
+        print(f"wrote {len(dataset)} overlays to {args.overlays} (white: found, red: missed, blue: false)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rl-seg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -58,7 +105,34 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--summary", action="store_true", help="print only the means, not every image")
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=cmd_score)
+
+    sft = sub.add_parser("sft", help="supervised warm start (2.0 x BCE + 0.5 x Dice)",
+                         description="Train a policy with Sa2VA's mask recipe; config from YAML and key=value "
+                                     "overrides (see --help-config).")
+    _config_args(sft)
+    sft.set_defaults(func=cmd_sft)
+
+    ev = sub.add_parser("eval", help="evaluate a policy: metrics, threshold sweep, overlays",
+                        description="Evaluate a policy's logits on a dataset split, per image and mean, with a "
+                                    "threshold sweep and overlay pictures.")
+    ev.add_argument("--policy", default="default", help="'default' (the shipped model), a registered policy "
+                    "name, or a checkpoint folder (rl-seg or Hugging Face Sa2VA)")
+    ev.add_argument("--adapter", type=Path, help="a PEFT LoRA adapter folder to apply")
+    ev.add_argument("--data", required=True, help="dataset name or folder")
+    ev.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    ev.add_argument("--thresholds", type=_thresholds, default=[0.5], help="comma-separated sweep thresholds")
+    ev.add_argument("--overlays", type=Path, help="write overlay PNGs here (white TP, red FN, blue FP)")
+    ev.add_argument("--out", type=Path, help="write the JSON report here (and the sweep plot beside it)")
+    ev.add_argument("--device", default=None, help="torch device (default: cpu)")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
     return parser
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config file")
+    p.add_argument("--help-config", action="store_true", help="list every config field with its help and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=2000 lr=3e-4")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except DataError as exc:
+    except (DataError, ConfigError) as exc:
         print(f"rl-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,116 @@
+"""The policy interface shared by rollout workers, learners and evaluation.
+
+A policy maps a batch of images (and a text prompt each) to mask logits, B x H x W, with gradients, and the
+hidden state of the [SEG] token that produced them (a value head reads it). Nothing here binarizes: reaching the
+logits is the reason this project exists (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["PolicyOutput", "SegPolicy", "POLICIES", "register_policy", "load_policy", "DEFAULT_PROMPT"]
+
+#: The Sa2VA-style request every policy is trained and evaluated with unless a dataset says otherwise.
+DEFAULT_PROMPT = "Please segment the blood vessels."
+
+
+@dataclass
+class PolicyOutput:
+    logits: torch.Tensor  # B x H x W, float, at the policy's native output resolution
+    seg_hidden: torch.Tensor  # B x D, the language model's hidden state at the [SEG] token
+
+
+class SegPolicy(nn.Module, ABC):
+    """A segmentation policy whose mask decoder is prompted by a language model's [SEG] token."""
+
+    #: Registry name (``load_policy(name)``).
+    name: ClassVar[str] = ""
+    #: peft ``target_modules`` regex for LoRA on the language model's attention, full paths only (a bare
+    #: ``q_proj`` would also match attention layers inside the vision or mask-decoder towers).
+    lora_targets: ClassVar[dict[str, str]] = {}
+
+    @abstractmethod
+    def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str] | None = None) -> PolicyOutput:
+        """Logits for preprocessed images (``preprocess``); ``prompts`` default to :data:`DEFAULT_PROMPT`."""
+
+    @abstractmethod
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 H x W x 3 images (one size per batch) -> the tensor ``forward`` takes, on the policy's device."""
+
+    @abstractmethod
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write weights and config so that ``load_policy(path)`` rebuilds this policy."""
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "SegPolicy":
+        """Rebuild a policy from a checkpoint folder."""
+
+    @classmethod
+    def load_default(cls, **kwargs) -> "SegPolicy":
+        """The policy a bare registry name loads; policies without shipped weights need a folder."""
+        raise ValueError(f"policy {cls.name!r} has no shipped weights: give a checkpoint folder instead")
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of ``PolicyOutput.seg_hidden``."""
+        raise NotImplementedError
+
+    def output_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Logit resolution for an input of ``image_size``; the identity for full-resolution decoders."""
+        return image_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+POLICIES: dict[str, type[SegPolicy]] = {}
+
+
+def register_policy(name: str):
+    def wrap(cls):
+        if name in POLICIES:
+            raise ValueError(f"policy {name!r} is already registered")
+        POLICIES[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def load_policy(name_or_path: str | Path, **kwargs) -> SegPolicy:
+    """A policy by registry name (``default`` loads the shipped checkpoint), or from a checkpoint folder.
+
+    A folder names its policy class in ``rl_seg_policy.json`` (written by ``save_pretrained``); a Hugging Face
+    Sa2VA checkpoint (``config.json`` with ``architectures`` containing ``Sa2VAChatModel``) is recognized too.
+    """
+    from . import _builtin  # noqa: F401 - registers the built-in policies
+
+    key = str(name_or_path)
+    if key in POLICIES:
+        return POLICIES[key].load_default(**kwargs)
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"policy {key!r} is neither a registered name ({sorted(POLICIES)}) nor a folder")
+    marker = path / "rl_seg_policy.json"
+    if marker.is_file():
+        kind = json.loads(marker.read_text())["policy"]
+        if kind not in POLICIES:
+            raise ValueError(f"{marker}: unknown policy {kind!r}; known: {sorted(POLICIES)}")
+        return POLICIES[kind].from_pretrained(path, **kwargs)
+    config = path / "config.json"
+    if config.is_file() and "sa2va" in POLICIES:
+        archs = json.loads(config.read_text()).get("architectures") or []
+        if any("Sa2VA" in a for a in archs):
+            return POLICIES["sa2va"].from_pretrained(path, **kwargs)
+    raise ValueError(f"{path}: not a policy checkpoint (no rl_seg_policy.json, and config.json is not Sa2VA's)")

@@ -1,0 +1,77 @@
+"""LoRA adapters on policies, with peft, in PEFT's own on-disk format.
+
+An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` and loads with
+``PeftModel.from_pretrained(policy, folder)``; its ``base_model_name_or_path`` names the policy it was trained on
+(a registry name such as ``default``, or a checkpoint folder), so ``rl-seg merge`` and ``rl-seg eval --adapter``
+find the base without being told.
+
+Targets are full-path regular expressions (peft matches a string ``target_modules`` with ``re.fullmatch``
+against each module's qualified name): Sa2VA's SAM2 tower has its own ``q_proj``/``k_proj``/``v_proj``, so a bare
+name would put LoRA into the mask decoder and, on InternLM2 models, into no language-model layer at all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from .base import SegPolicy
+
+__all__ = ["LoraSettings", "attach_lora", "load_adapter", "lora_module_names", "trainable_parameters",
+           "merge_adapter"]
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=16, metadata={"help": "LoRA rank (the original plan: 16-32)"})
+    alpha: float = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    targets: str = field(default="llm", metadata={
+        "help": "a preset of the policy's lora_targets (e.g. 'llm', 'llm+decoder') or a full-path regex"})
+
+    def target_regex(self, policy: SegPolicy) -> str:
+        if self.targets in policy.lora_targets:
+            return policy.lora_targets[self.targets]
+        try:
+            re.compile(self.targets)
+        except re.error as exc:
+            raise ValueError(f"lora targets {self.targets!r} is neither a preset of {type(policy).__name__} "
+                             f"({sorted(policy.lora_targets)}) nor a valid regex: {exc}") from None
+        return self.targets
+
+
+def attach_lora(policy: SegPolicy, settings: LoraSettings | None = None) -> PeftModel:
+    """Wrap ``policy`` with fresh LoRA adapters; only the adapters are trainable afterwards."""
+    settings = settings or LoraSettings()
+    regex = settings.target_regex(policy)
+    matched = [n for n, m in policy.named_modules() if re.fullmatch(regex, n) and isinstance(m, torch.nn.Linear)]
+    if not matched:
+        raise ValueError(f"lora targets {regex!r} match no Linear layer of {type(policy).__name__}")
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=regex, bias="none")
+    return get_peft_model(policy, config)
+
+
+def load_adapter(policy: SegPolicy, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(policy, str(adapter_dir), is_trainable=trainable)
+
+
+def lora_module_names(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the modules that carry LoRA weights."""
+    return sorted({n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n})
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def merge_adapter(model: PeftModel) -> SegPolicy:
+    """Fold the adapter into the base weights and return the plain policy."""
+    return model.merge_and_unload()
