@@ -15,9 +15,10 @@ generated answer is a discrete, non-differentiable choice, and greedy decoding a
 [SEG] hidden state depends only on the tokens before it, so when the model would answer "Sure, [SEG]." the two
 routes give the same state). The action space is the decoder's native grid, as the design asks.
 
-Public Sa2VA facts this relies on (read in the Sa2VA GitHub repo: ``projects/llava_sam2/hf/models/
-modeling_sa2va_chat.py`` and ``sam2.py``, ``projects/llava_sam2/models/llava_sam2.py``, ``projects/sa2va/models/
-sam2_train.py``, and upstream SAM2's ``SAM2Base``):
+Public Sa2VA facts this relies on (read in Sa2VA's Apache-2.0 code, magic-research/Sa2VA as mirrored by its
+public forks and bytedance/Sa2VA: ``projects/llava_sam2/hf/models/modeling_sa2va_chat.py`` and ``sam2.py`` (the
+Hugging Face remote code), ``projects/llava_sam2/models/llava_sam2.py`` (training forward),
+``projects/sa2va/models/sam2_train.py`` (``inject_language_embd``), and SAM2's ``SAM2Base``; no code copied):
 
 - ``Sa2VAChatModel`` has ``vision_model``, ``mlp1``, ``language_model``, ``grounding_encoder`` (a SAM2 wrapper with
   ``sam2_model`` and ``hidden_dim``), ``text_hidden_fcs``, ``extract_feature(pixel_values)``, ``num_image_token``,
@@ -254,6 +255,9 @@ class Sa2VAPolicy(SegPolicy):
 
     # --- inputs -------------------------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Both towers' inputs, packed (see the class docstring). The InternVL side is a single square tile, not
+        Sa2VA's dynamic tiling: the same input for DRIVE- and ARCADE-sized images, and a fixed token count per
+        image, which batching needs; large or elongated images get a coarser view than Sa2VA would give them."""
         s, v = self.grounding_size, self.vision_size
         grounding = _resize_normalize(images, s)
         vision = _resize_normalize(images, v)
