@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .data import DataError
+from .merge import MergeError
 
 
 def _thresholds(text: str) -> list[float]:
@@ -64,10 +65,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .evaluate import evaluate_policy, report_text
     from .policy import load_policy
+    from .merge import adapter_base
     from .policy.lora import load_adapter
     from .score import plot_sweep, write_json
 
-    policy = load_policy(args.policy, device=args.device)
+    policy_name = args.policy
+    if policy_name is None:  # an adapter knows its base; without one, the shipped default
+        policy_name = adapter_base(args.adapter) if args.adapter else "default"
+    policy = load_policy(policy_name, device=args.device)
     if args.adapter:
         policy = load_adapter(policy, args.adapter)
     dataset = load_dataset(args.data, args.split)
@@ -82,6 +87,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"wrote {plot_sweep(report, plot)}")
     if args.overlays:
         print(f"wrote {len(dataset)} overlays to {args.overlays} (white: found, red: missed, blue: false)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import MergeError, merge_adapter_dir
+
+    try:
+        out = merge_adapter_dir(args.adapter, args.out, policy=args.policy)
+    except (MergeError, FileNotFoundError) as exc:
+        print(f"rl-seg merge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote the merged policy to {out} (load it with --policy {out})")
     return 0
 
 
@@ -115,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a policy: metrics, threshold sweep, overlays",
                         description="Evaluate a policy's logits on a dataset split, per image and mean, with a "
                                     "threshold sweep and overlay pictures.")
-    ev.add_argument("--policy", default="default", help="'default' (the shipped model), a registered policy "
-                    "name, or a checkpoint folder (rl-seg or Hugging Face Sa2VA)")
+    ev.add_argument("--policy", default=None, help="'default' (the shipped model), a registered policy name, or a "
+                    "checkpoint folder (rl-seg or Hugging Face Sa2VA); default: the adapter's recorded base, else "
+                    "'default'")
     ev.add_argument("--adapter", type=Path, help="a PEFT LoRA adapter folder to apply")
     ev.add_argument("--data", required=True, help="dataset name or folder")
     ev.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -126,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="torch device (default: cpu)")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
+
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into its base policy",
+                           description="Apply a PEFT LoRA adapter to its base policy, merge the weights and save a "
+                                       "plain checkpoint that loads with --policy OUT (no peft needed).")
+    merge.add_argument("--adapter", type=Path, required=True, help="the PEFT adapter folder (adapter_config.json)")
+    merge.add_argument("--out", type=Path, required=True, help="folder to write the merged policy to")
+    merge.add_argument("--policy", default=None, help="base policy (registered name or checkpoint folder); default: "
+                       "the adapter's base_model_name_or_path")
+    merge.set_defaults(func=cmd_merge)
     return parser
 
 
@@ -141,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (DataError, ConfigError) as exc:
+    except (DataError, ConfigError, MergeError, FileNotFoundError, FileExistsError) as exc:
         print(f"rl-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

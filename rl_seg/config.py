@@ -15,7 +15,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "to_dict", "save_config", "describe"]
+__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "save_config", "describe"]
 
 T = TypeVar("T")
 
@@ -147,6 +147,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         _set_dotted(update, key.strip(), value)
         tree = _merge(tree, update)
     return _build(cls, tree)
+
+
+def from_dict(cls: type[T], values: dict) -> T:
+    """A config from a plain mapping (as ``to_dict`` wrote it), validated like a file."""
+    return _build(cls, values)
 
 
 def to_dict(cfg) -> dict:

@@ -161,6 +161,12 @@ def run_sft(cfg: SFTConfig) -> dict:
         sampler.rng.setstate(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
         step, best = state["step"], state["best"]
+        # The saved lr belongs to the saved run's schedule; a resumed run with another `steps` follows its own.
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        scheduler.lr_lambdas = [_lr_lambda(cfg.warmup_steps, cfg.steps)] * len(optimizer.param_groups)
+        for group, lr in zip(optimizer.param_groups, [cfg.lr * _lr_lambda(cfg.warmup_steps, cfg.steps)(step)]
+                             * len(optimizer.param_groups)):
+            group["lr"] = lr
         print(f"resumed from {ckpt} at step {step} (best mean val Dice {best:.4f})")
 
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(

@@ -104,7 +104,10 @@ def load_policy(name_or_path: str | Path, **kwargs) -> SegPolicy:
         raise FileNotFoundError(f"policy {key!r} is neither a registered name ({sorted(POLICIES)}) nor a folder")
     marker = path / "rl_seg_policy.json"
     if marker.is_file():
-        kind = json.loads(marker.read_text())["policy"]
+        try:
+            kind = json.loads(marker.read_text())["policy"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{marker}: expected {{\"policy\": NAME}}: {exc}") from exc
         if kind not in POLICIES:
             raise ValueError(f"{marker}: unknown policy {kind!r}; known: {sorted(POLICIES)}")
         return POLICIES[kind].from_pretrained(path, **kwargs)

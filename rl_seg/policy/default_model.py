@@ -286,16 +286,28 @@ class DefaultSegModel(SegPolicy):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, **_) -> "DefaultSegModel":
-        path = Path(path)
+        path = Path(path).resolve()
         for name in ("config.json", "model.safetensors"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name}: missing from the default-model checkpoint")
-        model = cls(DefaultModelConfig.from_dict(json.loads((path / "config.json").read_text())))
-        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        try:
+            config = DefaultModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+        except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path / 'config.json'}: not a valid default-model config: {exc}") from exc
+        try:
+            state = load_file(str(path / "model.safetensors"))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+            raise ValueError(f"{path / 'model.safetensors'}: cannot be read as safetensors: {exc}") from exc
+        model = cls(config)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatch
+            raise ValueError(f"{path / 'model.safetensors'}: weights do not fit {path / 'config.json'}: "
+                             f"{str(exc).splitlines()[0]}") from exc
         missing = [k for k in missing if k != "language_model.lm_head.weight"]
         if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not fit the config (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
+            raise ValueError(f"{path / 'model.safetensors'}: weights do not fit {path / 'config.json'} "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         model.name_or_path = str(path)
         return model.to(device) if device is not None else model
 

@@ -1,0 +1,151 @@
+"""The training job's one typed config: YAML file + ``key=value`` overrides, every field documented.
+
+``rl-seg train --help-config`` prints this schema; each run saves the resolved config as ``config.yaml`` in its
+run folder. Defaults are the default model's own, chosen by measurement (BENCHMARKS.md, PPO section); the
+original plan's Sa2VA-26B values ship as ``configs/sa2va-26b.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import ConfigError
+from ..policy.lora import LoraSettings
+from .core import ADVANTAGES, PPOLossConfig
+
+__all__ = ["TrainConfig", "DataConfig", "PolicyConfig", "RolloutConfig", "RewardConfig", "PPOConfig",
+           "LearnerConfig", "AdaptiveRecallConfig"]
+
+
+@dataclass
+class DataConfig:
+    datasets: list[str] = field(default_factory=lambda: ["drive", "arcade"], metadata={
+        "help": "datasets (names or folders) whose images are the PPO states"})
+    train_split: str = field(default="train", metadata={"help": "split sampled for rollouts"})
+    val_split: str = field(default="val", metadata={"help": "split for validation metrics (never test)"})
+    image_size: int | None = field(default=256, metadata={
+        "help": "images and masks resized to this square size for rollouts and learning (null: native size, "
+                "then learner.micro_batch_images must be 1)"})
+    images_per_iteration: int = field(default=8, metadata={"help": "images per PPO iteration (across learners)"})
+    train_limit: int | None = field(default=None, metadata={"help": "use at most N training images per dataset"})
+    val_limit: int | None = field(default=None, metadata={"help": "validate on at most N images per dataset"})
+    curriculum: bool = field(default=False, metadata={
+        "help": "first pass over the data easy images first (lowest thin-vessel fraction), then random"})
+
+
+@dataclass
+class PolicyConfig:
+    name: str = field(default="default", metadata={"help": "policy name or checkpoint folder (load_policy)"})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "the LoRA adapter PPO trains"})
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = field(default=2, metadata={"help": "rollout actors"})
+    num_cpus: float = field(default=1.0, metadata={"help": "CPUs per rollout actor (fractions allowed)"})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per rollout actor (fractions colocate)"})
+    samples_per_image: int = field(default=8, metadata={"help": "K masks sampled per image"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the Bernoulli policy"})
+    max_restarts: int = field(default=3, metadata={"help": "times Ray restarts a dead rollout actor"})
+
+
+@dataclass
+class AdaptiveRecallConfig:
+    enabled: bool = field(default=False, metadata={
+        "help": "raise the recall weight while batch recall is under `bound` (the original plan's extra)"})
+    bound: float = field(default=0.85, metadata={"help": "target batch recall"})
+    step: float = field(default=0.05, metadata={"help": "added to the recall weight per iteration under bound"})
+    max_weight: float = field(default=1.0, metadata={"help": "ceiling of the recall weight"})
+
+
+@dataclass
+class RewardConfig:
+    preset: str = field(default="default", metadata={"help": "reward preset: default or seed"})
+    weights: dict[str, float] | None = field(default=None, metadata={
+        "help": "component weights replacing the preset's, e.g. {dice: 0.5, recall: 0.5} (normalized)"})
+    num_actors: int = field(default=2, metadata={"help": "reward-pool CPU actors"})
+    num_cpus: float = field(default=1.0, metadata={"help": "CPUs per reward actor"})
+    timeout_s: float = field(default=60.0, metadata={"help": "per-mask scoring timeout"})
+    adaptive_recall: AdaptiveRecallConfig = field(default_factory=AdaptiveRecallConfig, metadata={
+        "help": "adaptive recall weight"})
+
+
+@dataclass
+class PPOConfig:
+    advantage: str = field(default="pixel", metadata={"help": f"advantage estimator: {sorted(ADVANTAGES)}"})
+    epochs: int = field(default=2, metadata={"help": "PPO epochs over each iteration's samples"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per epoch"})
+    loss: PPOLossConfig = field(default_factory=PPOLossConfig, metadata={"help": "clip, KL, entropy, value"})
+    lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=5, metadata={"help": "optimizer steps of linear warm-up, then cosine"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = field(default=2, metadata={"help": "Ray Train workers (data-parallel ranks)"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU share per worker (bf16, NCCL)"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per learner worker"})
+    gpus_per_worker: float = field(default=1.0, metadata={"help": "GPU share per learner worker when use_gpu"})
+    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage (0, 1 or 2)"})
+    micro_batch_images: int = field(default=1, metadata={
+        "help": "images (each with its K masks) per forward/backward on one rank"})
+    max_failures: int = field(default=1, metadata={"help": "learner-group restarts from the last checkpoint"})
+
+
+@dataclass
+class TrainConfig:
+    name: str = field(default="ppo", metadata={"help": "run name: the run folder is run_dir/name"})
+    run_dir: Path = field(default=Path("runs"), metadata={"help": "parent folder of run folders"})
+    iterations: int = field(default=20, metadata={"help": "PPO iterations"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, sampling and initialization"})
+    checkpoint_every: int = field(default=5, metadata={"help": "checkpoint every N iterations (and at the end)"})
+    val_every: int = field(default=5, metadata={"help": "validation metrics every M iterations"})
+    resume: bool = field(default=False, metadata={"help": "continue from the run folder's latest checkpoint"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster address (default: RAY_ADDRESS, else a local instance on 127.0.0.1)"})
+    ray_num_cpus: float | None = field(default=None, metadata={"help": "logical CPUs of a local Ray instance"})
+    threads_per_worker: int = field(default=1, metadata={"help": "torch threads in each actor and worker"})
+    progress: bool = field(default=True, metadata={"help": "progress line per iteration"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and batch"})
+    policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "policy and LoRA"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "rollout actors"})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "reward and its CPU pool"})
+    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "PPO algorithm"})
+    learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"help": "Ray Train + DeepSpeed"})
+
+    def __post_init__(self):
+        if self.ppo.advantage not in ADVANTAGES:
+            raise ConfigError(f"ppo.advantage: {self.ppo.advantage!r} is not one of {sorted(ADVANTAGES)}")
+        if self.learner.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"learner.zero_stage: {self.learner.zero_stage} (supported: 0, 1, 2; LoRA states "
+                              "are small, and stage 3 would need gathering before every weight sync)")
+        per_rank, rem = divmod(self.data.images_per_iteration, self.learner.num_workers)
+        if rem or per_rank == 0:
+            raise ConfigError(f"data.images_per_iteration={self.data.images_per_iteration} must be a positive "
+                              f"multiple of learner.num_workers={self.learner.num_workers}")
+        steps, rem = divmod(per_rank, self.learner.micro_batch_images * self.ppo.minibatches)
+        if rem or steps == 0:
+            raise ConfigError(f"images per rank ({per_rank}) must be a multiple of learner.micro_batch_images x "
+                              f"ppo.minibatches ({self.learner.micro_batch_images} x {self.ppo.minibatches})")
+        if self.data.image_size is None and self.learner.micro_batch_images != 1:
+            raise ConfigError("data.image_size: null (native sizes) needs learner.micro_batch_images=1")
+        if self.rollout.samples_per_image < 1:
+            raise ConfigError(f"rollout.samples_per_image must be >= 1, got {self.rollout.samples_per_image}")
+        if self.ppo.advantage == "group" and self.rollout.samples_per_image < 2:
+            raise ConfigError("ppo.advantage=group needs rollout.samples_per_image >= 2")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) / self.name
+
+    @property
+    def grad_accum_steps(self) -> int:
+        per_rank = self.data.images_per_iteration // self.learner.num_workers
+        return per_rank // (self.learner.micro_batch_images * self.ppo.minibatches)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.iterations * self.ppo.epochs * self.ppo.minibatches

@@ -1,0 +1,221 @@
+"""The coordinator: what learner rank 0 does between updates (rollouts, rewards, validation).
+
+One iteration's data path: pick images (``DataOrder``) -> rollout actors sample K masks each with adapter
+version N -> the reward pool scores every mask -> rewards (with the current, possibly adaptive, weights) and
+sample metrics -> a batch for the learner ranks. Rollout requests that die with their actor are redone (a
+request is self-contained and seeded, so the redo gives the same masks); masks whose scoring fails are kept
+out of the update and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from rewards.metrics import MaskPair, Target
+
+from ..ppo.config import TrainConfig
+from ..ppo.states import DataOrder
+
+__all__ = ["Coordinator", "RolloutBatch", "reward_weights", "LOGGED_COMPONENTS"]
+
+log = logging.getLogger(__name__)
+
+#: Scored for every mask (weight 0 when not in the reward) so each iteration logs them.
+LOGGED_COMPONENTS = ("dice", "recall", "precision", "cldice")
+MAX_REDO = 3
+
+
+def reward_weights(cfg: TrainConfig) -> tuple[dict[str, float], bool]:
+    """The reward's component weights and whether the total is normalized (presets as in rewards.composite)."""
+    from rewards.composite import PRESETS
+
+    if cfg.reward.weights:
+        return dict(cfg.reward.weights), True
+    if cfg.reward.preset not in PRESETS:
+        raise ValueError(f"reward.preset: unknown preset {cfg.reward.preset!r}; presets: {sorted(PRESETS)}")
+    return dict(PRESETS[cfg.reward.preset]), cfg.reward.preset != "seed"
+
+
+@dataclass
+class RolloutBatch:
+    """One iteration's samples, grouped by image; everything numpy so it travels through the object store."""
+
+    ids: list[str]
+    images: list[np.ndarray]
+    gts: list[np.ndarray]
+    fovs: list[np.ndarray | None]
+    actions: list[tuple[np.ndarray, tuple]]  # per image: K x H x W masks, bit-packed, with their shape
+    rewards: list[np.ndarray]  # per image: K float (NaN where scoring failed)
+    components: list[dict[str, np.ndarray]]
+    ok: list[np.ndarray]  # per image: K bool
+    weights: dict[str, float]
+    version: int
+    stats: dict = field(default_factory=dict)
+
+    def unpack_actions(self, j: int) -> np.ndarray:
+        bits, shape = self.actions[j]
+        return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+
+def total_reward(components: dict[str, float], weights: dict[str, float], normalize: bool) -> float:
+    total = sum(w * components[k] for k, w in weights.items())
+    return total / sum(abs(w) for w in weights.values()) if normalize else total
+
+
+class Coordinator:
+    def __init__(self, cfg: TrainConfig, rollout_workers: list, pool, train_states: list[tuple[str, list]],
+                 val_states: list[tuple[str, list]], difficulty: list[float]):
+        self.cfg = cfg
+        self.workers = rollout_workers
+        self.pool = pool
+        self.train_states = train_states
+        self.val_states = val_states
+        self.order = DataOrder(difficulty, cfg.seed, cfg.data.curriculum)
+        self.weights, self.normalize = reward_weights(cfg)
+        self.incarnations: dict[int, str] = {}
+        self.counters = {"rollout_restarts": 0, "rollout_redone": 0, "reward_failures": 0, "masks": 0}
+
+    # --- state that checkpoints carry ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"order": self.order.state_dict(), "weights": dict(self.weights), "counters": dict(self.counters)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state["order"])
+        self.weights = dict(state["weights"])
+        self.counters.update(state["counters"])
+
+    # --- rollouts -----------------------------------------------------------------------------------------
+    def _note_incarnation(self, worker: int, incarnation: str) -> None:
+        seen = self.incarnations.get(worker)
+        if seen is not None and seen != incarnation:
+            self.counters["rollout_restarts"] += 1
+            log.warning("rollout worker %d was restarted (restarts so far: %d)", worker,
+                        self.counters["rollout_restarts"])
+        self.incarnations[worker] = incarnation
+
+    def _call(self, worker: int, method: str, *args):
+        return getattr(self.workers[worker], method).remote(*args)
+
+    def _gather(self, requests: dict[int, tuple[int, str, tuple]]) -> dict[int, dict]:
+        """Run requests {key: (worker, method, args)}, redoing any whose actor died, until all are answered."""
+        pending = {self._call(w, m, *a): key for key, (w, m, a) in requests.items()}
+        results, attempts = {}, {key: 1 for key in requests}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            key = pending.pop(ready[0])
+            worker, method, args = requests[key]
+            try:
+                reply = ray.get(ready[0])
+            except RayActorError as exc:
+                if attempts[key] >= MAX_REDO:
+                    raise RuntimeError(f"rollout request {key} failed {MAX_REDO} times: {exc}") from exc
+                attempts[key] += 1
+                self.counters["rollout_redone"] += 1
+                log.warning("rollout worker %d died during %s; redoing the request (attempt %d)", worker, method,
+                            attempts[key])
+                pending[self._call(worker, method, *args)] = key
+                continue
+            self._note_incarnation(worker, reply["incarnation"])
+            results[key] = reply
+        return results
+
+    def rollout(self, iteration: int, version: int, weights_box: list) -> RolloutBatch:
+        cfg = self.cfg
+        k = cfg.rollout.samples_per_image
+        t0 = time.perf_counter()
+        picks = self.order.next_batch(cfg.data.images_per_iteration)
+        n = len(self.workers)
+        requests = {}
+        for w in range(n):
+            mine = picks[w::n]
+            if mine:
+                states = [self.train_states[i] for i in mine]
+                seeds = [cfg.seed * 1_000_003 + iteration * 10_007 + int(i) for i in mine]
+                requests[w] = (w, "sample", (version, weights_box, states, k, cfg.rollout.temperature, seeds))
+        replies = self._gather(requests)
+        t_rollout = time.perf_counter() - t0
+
+        samples = {s["id"]: s for reply in replies.values() for s in reply["samples"]}
+        ids = [self.train_states[i][0] for i in picks]
+        actions = [np.unpackbits(samples[i]["bits"], count=int(np.prod(samples[i]["shape"])))
+                   .reshape(samples[i]["shape"]).astype(bool) for i in ids]
+        t1 = time.perf_counter()
+        outcomes = self.pool.score([(sid, m) for sid, masks in zip(ids, actions) for m in masks])
+        t_reward = time.perf_counter() - t1
+
+        self._adapt_weights(outcomes)
+        rewards, components, oks = [], [], []
+        names = sorted(set(self.weights) | set(LOGGED_COMPONENTS))
+        for j in range(len(ids)):
+            group = outcomes[j * k:(j + 1) * k]
+            ok = np.array([o.ok for o in group])
+            comp = {c: np.array([o.components.get(c, np.nan) if o.ok else np.nan for o in group]) for c in names}
+            tot = np.array([total_reward(o.components, self.weights, self.normalize) if o.ok else np.nan
+                            for o in group])
+            rewards.append(tot)
+            components.append(comp)
+            oks.append(ok)
+        failed = sum(int((~ok).sum()) for ok in oks)
+        self.counters["reward_failures"] += failed
+        self.counters["masks"] += len(ids) * k
+
+        states = [ray.get(self.train_states[i][1][0]) for i in picks]
+        lags = [version - r["version"] for r in replies.values()]
+        valid_frac = []
+        for (_, gt, fov), acts in zip(states, actions):
+            area = acts.reshape(k, -1).sum(1) / (fov.sum() if fov is not None else gt.size)
+            valid_frac.extend(area.tolist())
+        valid_frac = np.array(valid_frac)
+        stats = {
+            "reward": float(np.nanmean(np.concatenate(rewards))) if rewards else float("nan"),
+            **{f"reward/{c}": float(np.nanmean(np.concatenate([cm[c] for cm in components]))) for c in names},
+            "reward_failures": failed,
+            "empty_mask_fraction": float((valid_frac == 0).mean()),
+            "full_mask_fraction": float((valid_frac > 0.9).mean()),
+            "adapter_version_lag": int(max(lags) if lags else 0),
+            "time/rollout": t_rollout, "time/reward": t_reward,
+            "time/sync": max(r["sync_s"] for r in replies.values()),
+            "masks_per_s": len(ids) * k / max(t_rollout + t_reward, 1e-9),
+            **{f"weight/{c}": w for c, w in self.weights.items()},
+            **self.counters,
+        }
+        stats["collapsed"] = bool(stats["empty_mask_fraction"] > 0.5 or stats["full_mask_fraction"] > 0.5)
+        if stats["collapsed"]:
+            log.warning("iteration %d: masks collapsed (empty %.0f%%, near-full %.0f%%)", iteration,
+                        100 * stats["empty_mask_fraction"], 100 * stats["full_mask_fraction"])
+        packed = [(samples[i]["bits"], tuple(samples[i]["shape"])) for i in ids]
+        return RolloutBatch(ids=ids, images=[s[0] for s in states], gts=[s[1] for s in states],
+                            fovs=[s[2] for s in states], actions=packed, rewards=rewards, components=components,
+                            ok=oks, weights=dict(self.weights), version=version, stats=stats)
+
+    def _adapt_weights(self, outcomes) -> None:
+        """Raise the recall weight while the batch's recall is under the bound (original plan's extra)."""
+        ar = self.cfg.reward.adaptive_recall
+        if not ar.enabled:
+            return
+        recalls = [o.components["recall"] for o in outcomes if o.ok]
+        if recalls and float(np.mean(recalls)) < ar.bound:
+            self.weights["recall"] = min(ar.max_weight, self.weights.get("recall", 0.0) + ar.step)
+
+    # --- validation ----------------------------------------------------------------------------------------
+    def validate(self, version: int, weights_box: list) -> dict:
+        if not self.val_states:
+            return {}
+        n = len(self.workers)
+        requests = {w: (w, "predict", (version, weights_box, self.val_states[w::n])) for w in range(n)
+                    if self.val_states[w::n]}
+        probs = {}
+        for reply in self._gather(requests).values():
+            probs.update(reply["probs"])
+        rows = []
+        for state_id, box in self.val_states:
+            _, gt, fov = ray.get(box[0])
+            pair = MaskPair(probs[state_id].astype(np.float32) > 0.5, Target(gt, fov))
+            rows.append({m: getattr(pair, m)() for m in ("dice", "recall", "precision", "cldice")})
+        return {f"val/{m}": float(np.mean([r[m] for r in rows])) for m in rows[0]}

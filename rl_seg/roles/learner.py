@@ -1,0 +1,287 @@
+"""The learner group: Ray Train ``TorchTrainer`` workers running PPO with a DeepSpeed engine on LoRA weights.
+
+Every rank holds the policy with its LoRA adapter and a value head inside one DeepSpeed engine (ZeRO stage,
+micro-batch and gradient accumulation from the config; bf16 on GPU, fp32 with gloo on CPU). Rank 0 is also the
+coordinator: it drives rollouts and rewards, puts the batch in the object store and broadcasts the reference;
+each rank learns on its shard of images and DeepSpeed all-reduces the gradients. After the update rank 0
+exports the adapter weights (only those) as version N+1 for the rollout actors.
+
+Old log-probabilities are recomputed by the learner before the first epoch instead of being shipped from the
+rollout (the approach verl takes): rollouts are synchronous (they sample with the version the learner holds,
+and the lag is logged), so the recomputation is exact and pixels need not travel as floats.
+
+Checkpoints (every ``checkpoint_every`` iterations and at the end) hold the adapter in PEFT format, the value
+head, DeepSpeed's optimizer and scheduler state, RNG states, the data order and the iteration; they are
+reported to Ray Train, which restarts a failed group from the latest one (``FailureConfig``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import from_dict
+from ..policy import MaskDistribution, load_policy
+from ..policy.lora import attach_lora
+from ..ppo.config import TrainConfig
+from ..ppo.core import AdvantageInputs, compute_advantages, ppo_loss
+from .coordinator import Coordinator, RolloutBatch
+from .rollout import adapter_state
+
+__all__ = ["PPOModule", "train_loop", "deepspeed_config", "save_checkpoint", "load_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+class PPOModule(nn.Module):
+    """The policy (with LoRA) and the value head on its [SEG] hidden state: what DeepSpeed trains."""
+
+    def __init__(self, policy, hidden_size: int):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 1))
+
+    def forward(self, pixel_values: torch.Tensor):
+        out = self.policy(pixel_values)
+        return out.logits, self.value_head(out.seg_hidden.float())[:, 0]
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.learner.micro_batch_images,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": cfg.ppo.max_grad_norm,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.ppo.lr, "weight_decay": cfg.ppo.weight_decay,
+                                                   "betas": [0.9, 0.999], "eps": 1e-8}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max(cfg.optimizer_steps, cfg.ppo.warmup_steps + 1),
+            "warmup_num_steps": cfg.ppo.warmup_steps, "warmup_type": "linear"}},
+        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(folder: Path, engine, rank: int, iteration: int, version: int, coordinator_state: dict | None,
+                    weights: np.ndarray | None = None) -> None:
+    """All ranks write DeepSpeed's state (ZeRO shards are per rank); rank 0 adds the adapter and run state."""
+    folder.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+    if rank == 0:
+        module = engine.module
+        module.policy.save_pretrained(str(folder / "adapter"))
+        torch.save(module.value_head.state_dict(), folder / "value_head.pt")
+        torch.save({"iteration": iteration, "version": version, "coordinator": coordinator_state,
+                    "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+                    "torch_rng": torch.get_rng_state()}, folder / "trainer_state.pt")
+        (folder / "checkpoint.json").write_text(json.dumps({"iteration": iteration, "version": version}) + "\n")
+
+
+def load_checkpoint(folder: Path, engine) -> dict:
+    engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=False,
+                           load_optimizer_states=True, load_lr_scheduler_states=True)
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def _latest_checkpoint(cfg_dict: dict) -> Path | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        return Path(checkpoint.to_directory())
+    resume_from = cfg_dict.get("resume_from")
+    return Path(resume_from) if resume_from else None
+
+
+# --- one update ----------------------------------------------------------------------------------------------
+
+def _shard(batch: RolloutBatch, rank: int, world: int) -> list[int]:
+    return list(range(rank, len(batch.ids), world))
+
+
+def _tensors(batch: RolloutBatch, j: int, device) -> tuple:
+    actions = torch.from_numpy(batch.unpack_actions(j)).to(device)
+    k = actions.shape[0]
+    gt = torch.from_numpy(batch.gts[j]).to(device)[None].expand(k, -1, -1)
+    if batch.fovs[j] is not None:
+        valid = torch.from_numpy(batch.fovs[j]).to(device)[None].expand(k, -1, -1).clone()
+    else:
+        valid = torch.ones_like(actions)
+    ok = torch.from_numpy(batch.ok[j]).to(device)
+    valid = valid & ok[:, None, None]  # failed scores: not learned from
+    return actions, gt, valid
+
+
+def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int) -> dict:
+    """PPO epochs over this rank's images; returns mean statistics of this rank."""
+    device = engine.device
+    module = engine.module
+    k = cfg.rollout.samples_per_image
+    temp = cfg.rollout.temperature
+    mine = _shard(batch, rank, world)
+    pixel_values = {j: module.policy.preprocess([batch.images[j]]) for j in mine}
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+
+    # Old policy (this version, no gradient), reference policy (adapter off) and values, once per iteration.
+    prepared = {}
+    with torch.no_grad():
+        for j in mine:
+            with amp:
+                logits, value = engine(pixel_values[j])
+            logits = logits.float()
+            ref_logits = None
+            if cfg.ppo.loss.kl_coef > 0:
+                with module.policy.disable_adapter(), amp:
+                    ref_logits = module.policy(pixel_values[j]).logits.float()
+            actions, gt, valid = _tensors(batch, j, device)
+            old = MaskDistribution(logits.expand(k, -1, -1), temp, valid)
+            prepared[j] = dict(actions=actions, gt=gt, valid=valid, old_logp=old.log_prob(actions),
+                               prob_taken=torch.exp(old.log_prob(actions)), value=value.float(),
+                               ref_logits=ref_logits)
+
+    # Advantages over this rank's images at once (group statistics are per image, so sharding is harmless).
+    cat = lambda key: torch.cat([prepared[j][key] for j in mine])  # noqa: E731
+    rewards = torch.from_numpy(np.nan_to_num(np.concatenate([batch.rewards[j] for j in mine]))).to(device)
+    components = {c: torch.from_numpy(np.nan_to_num(np.concatenate([batch.components[j][c] for j in mine])))
+                  .to(device) for c in batch.components[mine[0]]}
+    groups = torch.arange(len(mine), device=device).repeat_interleave(k)
+    values = torch.cat([prepared[j]["value"].expand(k) for j in mine])
+    adv = compute_advantages(cfg.ppo.advantage, AdvantageInputs(
+        actions=cat("actions"), gt=cat("gt"), valid=cat("valid"), prob_taken=cat("prob_taken"), rewards=rewards,
+        components=components, weights=batch.weights, groups=groups, values=values))
+    for n, j in enumerate(mine):
+        prepared[j]["adv"] = adv[n * k:(n + 1) * k]
+        prepared[j]["returns"] = rewards[n * k:(n + 1) * k]
+
+    stats: dict[str, list[float]] = {}
+    mb = cfg.learner.micro_batch_images
+    for _ in range(cfg.ppo.epochs):
+        order = [mine[i] for i in torch.randperm(len(mine)).tolist()]
+        for start in range(0, len(order), mb):
+            group = order[start:start + mb]
+            with amp:
+                logits, value = engine(torch.cat([pixel_values[j] for j in group]))
+            loss = 0.0
+            for n, j in enumerate(group):
+                p = prepared[j]
+                new = MaskDistribution(logits[n].float().expand(k, -1, -1), temp, p["valid"])
+                ref = (MaskDistribution(p["ref_logits"].expand(k, -1, -1), temp, p["valid"])
+                       if p["ref_logits"] is not None else None)
+                use_value = cfg.ppo.advantage == "value"
+                part, s = ppo_loss(new, p["actions"], p["old_logp"], p["adv"], cfg.ppo.loss, ref,
+                                   value[n].float().expand(k) if use_value else None,
+                                   p["returns"] if use_value else None)
+                loss = loss + part / len(group)
+                for key, v in s.items():
+                    stats.setdefault(key, []).append(v)
+            engine.backward(loss)
+            engine.step()
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    out["advantage_mean"] = float(adv[cat("valid")].mean())
+    out["advantage_std"] = float(adv[cat("valid")].std())
+    out["lr"] = float(engine.get_lr()[0])
+    return out
+
+
+def _all_mean(stats: dict, device) -> dict:
+    keys = sorted(stats)
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+# --- the training function ------------------------------------------------------------------------------------
+
+def train_loop(config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``: build the engine, restore, then iterate."""
+    import deepspeed
+
+    cfg = from_dict(TrainConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker)
+    torch.manual_seed(cfg.seed)
+    use_gpu = cfg.learner.use_gpu and torch.cuda.is_available()
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    policy = attach_lora(load_policy(cfg.policy.name, device=device), cfg.policy.lora)
+    module = PPOModule(policy, policy.get_base_model().hidden_size).to(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=params,
+                                      config=deepspeed_config(cfg, bf16=use_gpu), dist_init_required=False)
+
+    coordinator = None
+    if rank == 0:
+        coordinator = Coordinator(cfg, config["rollout_workers"], config["pool"], config["train_states"],
+                                  config["val_states"], config["difficulty"])
+    start_iteration, version = 0, 0
+    checkpoint_dir = _latest_checkpoint(config)
+    if checkpoint_dir is not None:
+        state = load_checkpoint(checkpoint_dir, engine)
+        start_iteration, version = state["iteration"], state["version"]
+        if coordinator is not None:
+            coordinator.load_state_dict(state["coordinator"])
+        if rank == 0:
+            log.info("resumed from %s at iteration %d", checkpoint_dir, start_iteration)
+
+    logger = None
+    if rank == 0:
+        from ..run_logging import RunLogger
+
+        logger = RunLogger(Path(config["run_path"]), enable_gauges=True)
+        weights_box = [ray.put(adapter_state(module.policy))]
+    for iteration in range(start_iteration, cfg.iterations):
+        t_iter = time.perf_counter()
+        # The batch itself goes through the collective: an ObjectRef pickled outside Ray's serializer is not
+        # registered with its owner, and ray.get on it in another rank blocks forever.
+        box = [coordinator.rollout(iteration, version, weights_box) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        batch = box[0]
+        t_learn = time.perf_counter()
+        learn_stats = _all_mean(learn(engine, batch, cfg, rank, world), device)
+        t_learn = time.perf_counter() - t_learn
+        version += 1
+        metrics = {"iteration": iteration + 1, "adapter_version": version, **learn_stats}
+        if rank == 0:
+            t_sync = time.perf_counter()
+            weights_box = [ray.put(adapter_state(module.policy))]
+            metrics["time/export"] = time.perf_counter() - t_sync
+            metrics.update(batch.stats)
+            metrics["time/learn"] = t_learn
+            if cfg.val_every and ((iteration + 1) % cfg.val_every == 0 or iteration + 1 == cfg.iterations):
+                metrics.update(coordinator.validate(version, weights_box))
+            metrics["time/iteration"] = time.perf_counter() - t_iter
+            logger.log(metrics)
+        is_ckpt = (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations
+        if is_ckpt:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp), engine, rank, iteration + 1, version,
+                                coordinator.state_dict() if coordinator else None)
+                dist.barrier()
+                report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    if rank == 0:
+        logger.close()
+        module.policy.save_pretrained(str(Path(config["run_path"]) / "final_adapter"))
+    dist.barrier()
+

@@ -1,0 +1,94 @@
+"""Rollout workers: Ray actors that hold the policy with the current LoRA adapter and sample masks.
+
+Every request carries the adapter version it wants and a reference to that version's weights, so a request is
+self-contained: an actor that died and was restarted by Ray (with a fresh base model) loads the weights it is
+asked for and redoes the work, and because sampling is seeded by the request, redone work gives the same masks.
+Each actor stamps its replies with an incarnation id, which changes when Ray restarts it: that is how restarts
+are counted without double-counting any sample.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import ray
+import torch
+
+from ..policy import MaskDistribution, load_policy
+from ..policy.lora import LoraSettings, attach_lora
+
+__all__ = ["RolloutWorker", "adapter_state", "load_adapter_state"]
+
+
+def adapter_state(model) -> dict[str, np.ndarray]:
+    """The LoRA weights only (what moves from learner to rollout), as CPU numpy arrays for the object store."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model, state: dict[str, np.ndarray]) -> None:
+    from peft import set_peft_model_state_dict
+
+    device = next(model.parameters()).device
+    result = set_peft_model_state_dict(model, {k: torch.from_numpy(np.array(v)).to(device) for k, v in state.items()})
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter state has keys the rollout model lacks: {unexpected[:5]}")
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, policy: str, lora: LoraSettings, threads: int = 1, use_gpu: bool = False):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.incarnation = uuid.uuid4().hex
+        self.model = attach_lora(load_policy(policy, device=self.device), lora)
+        self.model.eval()
+        self.version = -1
+
+    def ready(self) -> str:
+        return self.incarnation
+
+    def _sync(self, version: int, weights_box: list) -> float:
+        if version == self.version:
+            return 0.0
+        start = time.perf_counter()
+        load_adapter_state(self.model, ray.get(weights_box[0]))
+        self.version = version
+        return time.perf_counter() - start
+
+    def _logits(self, image: np.ndarray) -> torch.Tensor:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast(
+            "cpu", enabled=False)
+        with torch.no_grad(), autocast:
+            return self.model(self.model.preprocess([image])).logits.float()
+
+    def sample(self, version: int, weights_box: list, states: list, k: int, temperature: float,
+               seeds: list[int]) -> dict:
+        """K masks per state (``states``: [(id, ref to (image, gt, fov))]); masks come back bit-packed."""
+        sync_s = self._sync(version, weights_box)
+        start = time.perf_counter()
+        out = []
+        for (state_id, box), seed in zip(states, seeds):
+            image, _, fov = ray.get(box[0])
+            logits = self._logits(image)
+            valid = None if fov is None else torch.from_numpy(np.array(fov)).to(self.device)[None]
+            dist = MaskDistribution(logits.expand(k, -1, -1), temperature,
+                                    None if valid is None else valid.expand(k, -1, -1))
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            masks = dist.sample(gen).cpu().numpy()
+            out.append({"id": state_id, "shape": masks.shape, "bits": np.packbits(masks.ravel())})
+        return {"version": self.version, "incarnation": self.incarnation, "sync_s": sync_s,
+                "sample_s": time.perf_counter() - start, "samples": out}
+
+    def predict(self, version: int, weights_box: list, states: list) -> dict:
+        """Vessel probabilities (float16) for validation states, with the requested adapter version."""
+        self._sync(version, weights_box)
+        probs = {}
+        for state_id, box in states:
+            image, _, _ = ray.get(box[0])
+            probs[state_id] = torch.sigmoid(self._logits(image))[0].cpu().numpy().astype(np.float16)
+        return {"version": self.version, "incarnation": self.incarnation, "probs": probs}

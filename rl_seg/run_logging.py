@@ -1,0 +1,83 @@
+"""What a run writes as it goes: metrics.jsonl, TensorBoard scalars, Ray dashboard gauges, a progress line.
+
+The gauges use ``ray.util.metrics`` so that the Ray dashboard's metrics view (Prometheus/Grafana set up by Ray)
+shows the run: reward, Dice, recall, KL, masks/s, phase times and the adapter version.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+__all__ = ["RunLogger", "GAUGES"]
+
+#: Metric key -> (gauge name, description). Phase times share one gauge with a "phase" tag.
+GAUGES = {
+    "reward": ("rl_seg_reward", "mean reward of the iteration's sampled masks"),
+    "reward/dice": ("rl_seg_sample_dice", "mean Dice of the sampled masks"),
+    "reward/recall": ("rl_seg_sample_recall", "mean recall of the sampled masks"),
+    "kl_ref": ("rl_seg_kl_ref", "KL(pi || pi_ref) per pixel"),
+    "masks_per_s": ("rl_seg_masks_per_s", "masks sampled and scored per second"),
+    "adapter_version": ("rl_seg_adapter_version", "LoRA adapter version held by the learner"),
+    "val/dice": ("rl_seg_val_dice", "validation Dice at threshold 0.5"),
+}
+PHASES = ("rollout", "reward", "learn", "sync", "export", "iteration")
+
+
+class RunLogger:
+    def __init__(self, run_path: Path, enable_gauges: bool = False, tensorboard: bool = True, progress: bool = True):
+        self.run_path = Path(run_path)
+        self.run_path.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (self.run_path / "metrics.jsonl").open("a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_path / "tensorboard"))
+        self._gauges = self._make_gauges() if enable_gauges else None
+        self.progress = progress
+        self._start = time.time()
+
+    @staticmethod
+    def _make_gauges():
+        from ray.util.metrics import Gauge
+
+        gauges = {key: Gauge(name, description=desc) for key, (name, desc) in GAUGES.items()}
+        gauges["time"] = Gauge("rl_seg_phase_seconds", description="seconds per phase of the last iteration",
+                               tag_keys=("phase",))
+        return gauges
+
+    def log(self, metrics: dict) -> None:
+        record = {"time": time.time(), **metrics}
+        self._jsonl.write(json.dumps(record, default=float) + "\n")
+        self._jsonl.flush()
+        step = int(metrics.get("iteration", 0))
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                if self._tb is not None:
+                    self._tb.add_scalar(key, value, step)
+                if self._gauges is not None:
+                    if key in self._gauges:
+                        self._gauges[key].set(value)
+                    elif key.startswith("time/") and key[5:] in PHASES:
+                        self._gauges["time"].set(value, tags={"phase": key[5:]})
+        if self._tb is not None:
+            self._tb.flush()
+        if self.progress:
+            def fmt(key, spec=".3f"):
+                v = metrics.get(key)
+                return "-" if v is None else format(v, spec)
+
+            print(f"[iter {step}] reward {fmt('reward')}  dice {fmt('reward/dice')}  recall {fmt('reward/recall')}"
+                  f"  kl {fmt('kl_ref', '.4f')}  clip {fmt('clip_fraction')}  masks/s {fmt('masks_per_s', '.1f')}"
+                  f"  rollout {fmt('time/rollout', '.1f')}s reward {fmt('time/reward', '.1f')}s"
+                  f" learn {fmt('time/learn', '.1f')}s"
+                  + (f"  val dice {fmt('val/dice')}" if "val/dice" in metrics else "")
+                  + ("  COLLAPSED" if metrics.get("collapsed") else ""), flush=True)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

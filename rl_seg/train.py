@@ -1,0 +1,117 @@
+"""The training job (`rl-seg train`): the driver that sets up the Ray roles and runs the learner group.
+
+It runs the same on a cluster (``ray job submit --working-dir . -- rl-seg train --config FILE``) and locally
+(a local Ray instance on 127.0.0.1 when no address is given). The driver owns the rollout actors and the reward
+pool, so they outlive a learner-group restart; the learner group is a Ray Train ``TorchTrainer`` whose rank 0
+coordinates each iteration (``rl_seg.roles.learner``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import ray
+
+from rewards.composite import CompositeReward
+from rewards.pool import RewardPool
+
+from .config import save_config, to_dict
+from .ppo.config import TrainConfig
+from .ppo.states import load_states, thin_vessel_fraction
+from .ray_env import init_ray
+from .roles.coordinator import LOGGED_COMPONENTS, reward_weights
+from .roles.rollout import RolloutWorker
+
+__all__ = ["run_training", "latest_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+def latest_checkpoint(run_path: Path) -> Path | None:
+    """The newest checkpoint Ray Train persisted for this run (by its recorded iteration)."""
+    best, best_iter = None, -1
+    for marker in (run_path / "ray_train").glob("**/checkpoint.json"):
+        iteration = json.loads(marker.read_text())["iteration"]
+        if iteration > best_iter:
+            best, best_iter = marker.parent, iteration
+    return best
+
+
+def _pool_reward(cfg: TrainConfig) -> CompositeReward:
+    """The pool scores the reward's components plus the logged ones (weight 0): totals are formed by the
+    coordinator with the current weights, which the adaptive-recall option changes during a run."""
+    weights, normalize = reward_weights(cfg)
+    extra = set(LOGGED_COMPONENTS) | ({"recall"} if cfg.reward.adaptive_recall.enabled else set())
+    return CompositeReward({**{c: 0.0 for c in extra}, **weights}, normalize=normalize, name=cfg.reward.preset)
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_path = cfg.run_path
+    resume_from = latest_checkpoint(run_path) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise FileNotFoundError(f"resume=true but {run_path} holds no checkpoint")
+    if not cfg.resume and (run_path / "metrics.jsonl").exists():
+        raise FileExistsError(f"{run_path} already holds a run; choose another name or pass resume=true")
+    run_path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_path / "config.yaml")
+
+    init_ray(cfg.ray_address, num_cpus=cfg.ray_num_cpus)
+    start = time.time()
+    train = load_states(cfg.data.datasets, cfg.data.train_split, cfg.data.image_size, cfg.data.train_limit)
+    val = load_states(cfg.data.datasets, cfg.data.val_split, cfg.data.image_size, cfg.data.val_limit)
+    log.info("%d training and %d validation images", len(train), len(val))
+    # Refs are wrapped in lists so that Ray hands them on unresolved: each actor fetches only what it uses.
+    train_states = [(s.id, [ray.put((s.image, s.gt, s.fov))]) for s in train]
+    val_states = [(s.id, [ray.put((s.image, s.gt, s.fov))]) for s in val]
+
+    rollout_workers = [
+        RolloutWorker.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                              max_restarts=cfg.rollout.max_restarts, name=None)
+        .remote(cfg.policy.name, cfg.policy.lora, cfg.threads_per_worker, cfg.rollout.num_gpus > 0)
+        for _ in range(cfg.rollout.num_workers)
+    ]
+    ray.get([w.ready.remote() for w in rollout_workers])
+    pool = RewardPool(_pool_reward(cfg), num_actors=cfg.reward.num_actors, num_cpus_per_actor=cfg.reward.num_cpus,
+                      timeout_s=cfg.reward.timeout_s)
+    pool.add_targets({s.id: (s.gt, s.fov) for s in train})
+
+    resources = {"CPU": cfg.learner.cpus_per_worker}
+    if cfg.learner.use_gpu:
+        resources["GPU"] = cfg.learner.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_loop,
+        train_loop_config={
+            "cfg": to_dict(cfg), "run_path": str(run_path.resolve()),
+            "resume_from": str(resume_from) if resume_from else None,
+            "rollout_workers": rollout_workers, "pool": pool,
+            "train_states": train_states, "val_states": val_states,
+            "difficulty": [thin_vessel_fraction(s.gt) for s in train],
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.learner.use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.name, storage_path=str((run_path / "ray_train").resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.learner.max_failures)),
+    )
+    result = trainer.fit()
+    for worker in rollout_workers:
+        ray.kill(worker)
+    pool.shutdown()
+    summary = {"run_path": str(run_path), "seconds": time.time() - start, "iterations": cfg.iterations,
+               "checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "final_adapter": str(run_path / "final_adapter"), "metrics": result.metrics}
+    (run_path / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _train_loop(config: dict) -> None:
+    # Imported inside the worker: the driver need not import DeepSpeed.
+    from .roles.learner import train_loop
+
+    train_loop(config)
