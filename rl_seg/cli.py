@@ -61,6 +61,22 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .plots import plot_run_curves
+    from .ppo.config import TrainConfig
+    from .train import run_training
+
+    cfg = _run_config(args, TrainConfig)
+    if cfg is None:
+        return 0
+    if args.resume:
+        cfg.resume = True
+    summary = run_training(cfg)
+    print(f"run folder {summary['run_path']}: {summary['iterations']} iterations in {summary['seconds']:.0f} s; "
+          f"adapter {summary['final_adapter']}; curves {plot_run_curves(summary['run_path'])}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .evaluate import evaluate_policy, report_text
@@ -128,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "overrides (see --help-config).")
     _config_args(sft)
     sft.set_defaults(func=cmd_sft)
+
+    train = sub.add_parser("train", help="PPO on Ray: rollout actors, reward pool, Ray Train + DeepSpeed learners",
+                           description="The PPO training job. Runs the same under `ray job submit --working-dir . "
+                                       "-- rl-seg train ...` and locally (a local Ray instance when no address is "
+                                       "given). Config from YAML and key=value overrides (see --help-config).")
+    _config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue the run folder's latest checkpoint")
+    train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a policy: metrics, threshold sweep, overlays",
                         description="Evaluate a policy's logits on a dataset split, per image and mean, with a "

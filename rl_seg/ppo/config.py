@@ -104,6 +104,9 @@ class TrainConfig:
     checkpoint_every: int = field(default=5, metadata={"help": "checkpoint every N iterations (and at the end)"})
     val_every: int = field(default=5, metadata={"help": "validation metrics every M iterations"})
     resume: bool = field(default=False, metadata={"help": "continue from the run folder's latest checkpoint"})
+    stop_after_iterations: int | None = field(default=None, metadata={
+        "help": "end this session after N iterations (checkpointed; resume=true continues): for time-sliced or "
+                "preemptible allocations"})
     ray_address: str | None = field(default=None, metadata={
         "help": "Ray cluster address (default: RAY_ADDRESS, else a local instance on 127.0.0.1)"})
     ray_num_cpus: float | None = field(default=None, metadata={"help": "logical CPUs of a local Ray instance"})

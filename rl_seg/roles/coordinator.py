@@ -179,6 +179,7 @@ class Coordinator:
             "empty_mask_fraction": float((valid_frac == 0).mean()),
             "full_mask_fraction": float((valid_frac > 0.9).mean()),
             "adapter_version_lag": int(max(lags) if lags else 0),
+            "rollout_version": int(min(r["version"] for r in replies.values())),
             "time/rollout": t_rollout, "time/reward": t_reward,
             "time/sync": max(r["sync_s"] for r in replies.values()),
             "masks_per_s": len(ids) * k / max(t_rollout + t_reward, 1e-9),

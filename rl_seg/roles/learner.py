@@ -22,6 +22,7 @@ import logging
 import random
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ def save_checkpoint(folder: Path, engine, rank: int, iteration: int, version: in
     engine.save_checkpoint(str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=True)
     if rank == 0:
         module = engine.module
-        module.policy.save_pretrained(str(folder / "adapter"))
+        module.policy.save_pretrained(str(folder / "adapter"), save_embedding_layers=False)
         torch.save(module.value_head.state_dict(), folder / "value_head.pt")
         torch.save({"iteration": iteration, "version": version, "coordinator": coordinator_state,
                     "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
@@ -128,7 +129,7 @@ def _tensors(batch: RolloutBatch, j: int, device) -> tuple:
     return actions, gt, valid
 
 
-def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int) -> dict:
+def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, iteration: int) -> dict:
     """PPO epochs over this rank's images; returns mean statistics of this rank."""
     device = engine.device
     module = engine.module
@@ -172,8 +173,10 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int) 
 
     stats: dict[str, list[float]] = {}
     mb = cfg.learner.micro_batch_images
-    for _ in range(cfg.ppo.epochs):
-        order = [mine[i] for i in torch.randperm(len(mine)).tolist()]
+    for epoch in range(cfg.ppo.epochs):
+        # Seeded by position, not by a global RNG, so a resumed run replays exactly what the stopped one would.
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration * 1_009 + epoch * 31 + rank)
+        order = [mine[i] for i in torch.randperm(len(mine), generator=g).tolist()]
         for start in range(0, len(order), mb):
             group = order[start:start + mb]
             with amp:
@@ -198,6 +201,10 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int) 
     out["advantage_std"] = float(adv[cat("valid")].std())
     out["lr"] = float(engine.get_lr()[0])
     return out
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def _all_mean(stats: dict, device) -> dict:
@@ -247,8 +254,11 @@ def train_loop(config: dict) -> None:
         from ..run_logging import RunLogger
 
         logger = RunLogger(Path(config["run_path"]), enable_gauges=True)
-        weights_box = [ray.put(adapter_state(module.policy))]
-    for iteration in range(start_iteration, cfg.iterations):
+        session = uuid.uuid4().hex[:8]  # a restarted group re-issues version numbers: keys stay unique
+        weights_box = [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
+    stop_at = cfg.iterations if cfg.stop_after_iterations is None else min(
+        cfg.iterations, start_iteration + cfg.stop_after_iterations)
+    for iteration in range(start_iteration, stop_at):
         t_iter = time.perf_counter()
         # The batch itself goes through the collective: an ObjectRef pickled outside Ray's serializer is not
         # registered with its owner, and ray.get on it in another rank blocks forever.
@@ -256,32 +266,35 @@ def train_loop(config: dict) -> None:
         dist.broadcast_object_list(box, src=0)
         batch = box[0]
         t_learn = time.perf_counter()
-        learn_stats = _all_mean(learn(engine, batch, cfg, rank, world), device)
+        learn_stats = _all_mean(learn(engine, batch, cfg, rank, world, iteration), device)
         t_learn = time.perf_counter() - t_learn
         version += 1
         metrics = {"iteration": iteration + 1, "adapter_version": version, **learn_stats}
         if rank == 0:
             t_sync = time.perf_counter()
-            weights_box = [ray.put(adapter_state(module.policy))]
+            weights_box = [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
             metrics["time/export"] = time.perf_counter() - t_sync
             metrics.update(batch.stats)
+            metrics["batch_ids"] = batch.ids
             metrics["time/learn"] = t_learn
             if cfg.val_every and ((iteration + 1) % cfg.val_every == 0 or iteration + 1 == cfg.iterations):
                 metrics.update(coordinator.validate(version, weights_box))
             metrics["time/iteration"] = time.perf_counter() - t_iter
             logger.log(metrics)
-        is_ckpt = (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations
+        is_ckpt = (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == stop_at
         if is_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), engine, rank, iteration + 1, version,
                                 coordinator.state_dict() if coordinator else None)
                 dist.barrier()
-                report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                report = _numbers(metrics)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
-            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            ray.train.report(_numbers(metrics))
     if rank == 0:
         logger.close()
-        module.policy.save_pretrained(str(Path(config["run_path"]) / "final_adapter"))
+        if stop_at == cfg.iterations:
+            module.policy.save_pretrained(str(Path(config["run_path"]) / "final_adapter"),
+                                          save_embedding_layers=False)
     dist.barrier()
 

@@ -48,16 +48,18 @@ class RolloutWorker:
         self.model = attach_lora(load_policy(policy, device=self.device), lora)
         self.model.eval()
         self.version = -1
+        self.weights_key = None
 
     def ready(self) -> str:
         return self.incarnation
 
     def _sync(self, version: int, weights_box: list) -> float:
-        if version == self.version:
+        """Load the adapter named by ``weights_box`` ([ref, key]) unless it is already loaded."""
+        if weights_box[1] == self.weights_key:
             return 0.0
         start = time.perf_counter()
         load_adapter_state(self.model, ray.get(weights_box[0]))
-        self.version = version
+        self.version, self.weights_key = version, weights_box[1]
         return time.perf_counter() - start
 
     def _logits(self, image: np.ndarray) -> torch.Tensor:
