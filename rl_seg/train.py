@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import ray
 
@@ -23,21 +22,12 @@ from .ppo.config import TrainConfig
 from .ppo.states import load_states, thin_vessel_fraction
 from .ray_env import init_ray
 from .roles.coordinator import LOGGED_COMPONENTS, reward_weights
+from .roles.learner import latest_checkpoint
 from .roles.rollout import RolloutWorker
 
 __all__ = ["run_training", "latest_checkpoint"]
 
 log = logging.getLogger(__name__)
-
-
-def latest_checkpoint(run_path: Path) -> Path | None:
-    """The newest checkpoint Ray Train persisted for this run (by its recorded iteration)."""
-    best, best_iter = None, -1
-    for marker in (run_path / "ray_train").glob("**/checkpoint.json"):
-        iteration = json.loads(marker.read_text())["iteration"]
-        if iteration > best_iter:
-            best, best_iter = marker.parent, iteration
-    return best
 
 
 def _pool_reward(cfg: TrainConfig) -> CompositeReward:
@@ -88,7 +78,6 @@ def run_training(cfg: TrainConfig) -> dict:
         train_loop_per_worker=_train_loop,
         train_loop_config={
             "cfg": to_dict(cfg), "run_path": str(run_path.resolve()),
-            "resume_from": str(resume_from) if resume_from else None,
             "rollout_workers": rollout_workers, "pool": pool,
             "train_states": train_states, "val_states": val_states,
             "difficulty": [thin_vessel_fraction(s.gt) for s in train],

@@ -13,12 +13,12 @@ SAMPLES = REPO / "data" / "samples"
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray instance with token authentication on (as every rl-seg entry point starts it)."""
+    """A real local Ray instance with token authentication on, and its dashboard (the state API needs it)."""
     import ray
 
     from rl_seg.ray_env import init_ray
 
-    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=4, include_dashboard=True, log_to_driver=False)
     assert os.environ["RAY_AUTH_MODE"] == "token"
     yield ray
     ray.shutdown()

@@ -18,7 +18,7 @@ Read top to bottom (no Ray in here; the learner role calls these):
    ``group``            GRPO-style: K masks per image, advantage (r - mean_group) / (std_group + eps),
                         broadcast to every pixel (what text-RL systems do).
    ``value``            r - V(image), V from a value head on the [SEG] hidden state (the PPO critic), whitened
-                        over the batch and broadcast.
+                        (centred and scaled) over the batch and broadcast.
 
 3. The loss: clipped surrogate per pixel + kl_coef x KL(pi || pi_ref) per pixel in closed form (pi_ref: the same
    model with the LoRA adapter disabled) - entropy_coef x entropy + value_coef x value MSE.
@@ -152,7 +152,9 @@ def value_advantages(x: AdvantageInputs) -> torch.Tensor:
     if x.values is None:
         raise ValueError("advantage 'value' needs values from the value head")
     a = x.rewards.float() - x.values.float()
-    a = a / (a.std(unbiased=False) + EPS) if a.numel() > 1 else a
+    # Whitened (centred and scaled) as PPO implementations normalize advantages: a value head that is off by
+    # the same amount everywhere must not turn into a huge advantage.
+    a = (a - a.mean()) / (a.std(unbiased=False) + EPS) if a.numel() > 1 else torch.zeros_like(a)
     return _broadcast(a, x)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from rewards.metrics import MaskPair, Target
 
@@ -99,6 +99,20 @@ class Coordinator:
                         self.counters["rollout_restarts"])
         self.incarnations[worker] = incarnation
 
+    def _wait_until_back(self, worker: int, timeout_s: float = 300.0) -> None:
+        """Block while Ray restarts a dead rollout actor (it reloads the policy); fail if it stays dead."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(self.workers[worker].ready.remote(), timeout=10)
+                return
+            except ActorDiedError as exc:  # out of restarts: no point waiting
+                raise RuntimeError(f"rollout worker {worker} is dead for good (max_restarts exhausted): {exc}") from exc
+            except (RayActorError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rollout worker {worker} did not come back within {timeout_s:.0f} s") from None
+                time.sleep(0.5)
+
     def _call(self, worker: int, method: str, *args):
         return getattr(self.workers[worker], method).remote(*args)
 
@@ -119,6 +133,7 @@ class Coordinator:
                 self.counters["rollout_redone"] += 1
                 log.warning("rollout worker %d died during %s; redoing the request (attempt %d)", worker, method,
                             attempts[key])
+                self._wait_until_back(worker)
                 pending[self._call(worker, method, *args)] = key
                 continue
             self._note_incarnation(worker, reply["incarnation"])

@@ -40,7 +40,7 @@ from ..ppo.core import AdvantageInputs, compute_advantages, ppo_loss
 from .coordinator import Coordinator, RolloutBatch
 from .rollout import adapter_state
 
-__all__ = ["PPOModule", "train_loop", "deepspeed_config", "save_checkpoint", "load_checkpoint"]
+__all__ = ["PPOModule", "train_loop", "deepspeed_config", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,23 @@ def load_checkpoint(folder: Path, engine) -> dict:
     return state
 
 
-def _latest_checkpoint(cfg_dict: dict) -> Path | None:
+def latest_checkpoint(run_path: Path) -> Path | None:
+    """The newest checkpoint Ray Train persisted under the run folder (by its recorded iteration)."""
+    best, best_iter = None, -1
+    for marker in (Path(run_path) / "ray_train").glob("**/checkpoint.json"):
+        iteration = json.loads(marker.read_text())["iteration"]
+        if iteration > best_iter:
+            best, best_iter = marker.parent, iteration
+    return best
+
+
+def _checkpoint_to_restore(config: dict) -> Path | None:
+    """Ray Train's latest checkpoint after a group restart; else the run folder's newest (a restarted group
+    has been seen to get none from ``get_checkpoint`` here, and ``--resume`` starts a new Train run)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         return Path(checkpoint.to_directory())
-    resume_from = cfg_dict.get("resume_from")
-    return Path(resume_from) if resume_from else None
+    return latest_checkpoint(Path(config["run_path"]))
 
 
 # --- one update ----------------------------------------------------------------------------------------------
@@ -240,7 +251,7 @@ def train_loop(config: dict) -> None:
         coordinator = Coordinator(cfg, config["rollout_workers"], config["pool"], config["train_states"],
                                   config["val_states"], config["difficulty"])
     start_iteration, version = 0, 0
-    checkpoint_dir = _latest_checkpoint(config)
+    checkpoint_dir = _checkpoint_to_restore(config)
     if checkpoint_dir is not None:
         state = load_checkpoint(checkpoint_dir, engine)
         start_iteration, version = state["iteration"], state["version"]
