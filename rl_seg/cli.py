@@ -72,8 +72,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg.resume = True
     summary = run_training(cfg)
+    try:
+        curves = plot_run_curves(summary["run_path"])
+    except ImportError as exc:  # a GPU image without matplotlib: the metrics are in metrics.jsonl regardless
+        curves = f"not drawn ({exc})"
     print(f"run folder {summary['run_path']}: {summary['iterations']} iterations in {summary['seconds']:.0f} s; "
-          f"adapter {summary['final_adapter']}; curves {plot_run_curves(summary['run_path'])}")
+          f"adapter {summary['final_adapter']}; curves {curves}")
     return 0
 
 

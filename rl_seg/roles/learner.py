@@ -69,7 +69,9 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
             "total_num_steps": max(cfg.optimizer_steps, cfg.ppo.warmup_steps + 1),
             "warmup_num_steps": cfg.ppo.warmup_steps, "warmup_type": "linear"}},
         "zero_optimization": {"stage": cfg.learner.zero_stage},
-        "bf16": {"enabled": bf16},
+        # bf16 compute through torch autocast inside the engine (DeepSpeed switches an outer autocast off),
+        # with fp32 weights: the frozen base keeps full precision and matches the rollout's copy.
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -169,7 +171,15 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
                                ref_logits=ref_logits)
 
     # Advantages over this rank's images at once (group statistics are per image, so sharding is harmless).
-    cat = lambda key: torch.cat([prepared[j][key] for j in mine])  # noqa: E731
+    # Images of different sizes are padded to a common one; padding is invalid, so it carries no credit.
+    hmax = max(prepared[j]["actions"].shape[-2] for j in mine)
+    wmax = max(prepared[j]["actions"].shape[-1] for j in mine)
+
+    def cat(key: str) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(prepared[j][key], (0, wmax - prepared[j][key].shape[-1],
+                                                                      0, hmax - prepared[j][key].shape[-2]))
+                          for j in mine])
+
     rewards = torch.from_numpy(np.nan_to_num(np.concatenate([batch.rewards[j] for j in mine]))).to(device)
     components = {c: torch.from_numpy(np.nan_to_num(np.concatenate([batch.components[j][c] for j in mine])))
                   .to(device) for c in batch.components[mine[0]]}
@@ -179,7 +189,8 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
         actions=cat("actions"), gt=cat("gt"), valid=cat("valid"), prob_taken=cat("prob_taken"), rewards=rewards,
         components=components, weights=batch.weights, groups=groups, values=values))
     for n, j in enumerate(mine):
-        prepared[j]["adv"] = adv[n * k:(n + 1) * k]
+        h, w = prepared[j]["actions"].shape[-2:]
+        prepared[j]["adv"] = adv[n * k:(n + 1) * k, :h, :w]
         prepared[j]["returns"] = rewards[n * k:(n + 1) * k]
 
     stats: dict[str, list[float]] = {}
@@ -208,8 +219,9 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
             engine.backward(loss)
             engine.step()
     out = {k: float(np.mean(v)) for k, v in stats.items()}
-    out["advantage_mean"] = float(adv[cat("valid")].mean())
-    out["advantage_std"] = float(adv[cat("valid")].std())
+    valid = cat("valid")
+    out["advantage_mean"] = float(adv[valid].mean())
+    out["advantage_std"] = float(adv[valid].std())
     out["lr"] = float(engine.get_lr()[0])
     return out
 

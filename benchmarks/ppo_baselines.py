@@ -1,0 +1,125 @@
+"""Issue 4's comparison on the test splits: warm start vs its best threshold vs supervised continuation vs PPO.
+
+    python benchmarks/ppo_baselines.py --results DIR [--out benchmarks/results/ppo]
+
+DIR is what ``benchmarks/gpu_ppo_experiments.sh`` packed (run folders pixel/ group/ value/ recall/ with a
+``final_adapter`` each, and ``sft_dice/best``). For DRIVE test and ARCADE test it reports dice, recall,
+precision, clDice and betti0_error at 0.5 for
+  (a) the warm start, (b) the warm start at its best validation threshold (chosen on the val split),
+  (c) the supervised soft-Dice continuation, (d) PPO with each advantage mode, (e) PPO with a recall-weighted reward,
+and draws, per dataset, the warm start's test precision-recall sweep with (c)-(e) as points. A PPO point lies
+"above the curve" when its precision beats the curve's (linearly interpolated) precision at its recall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rl_seg.data import load_dataset  # noqa: E402
+from rl_seg.evaluate import predict_probabilities  # noqa: E402
+from rl_seg.policy import load_policy  # noqa: E402
+from rl_seg.policy.lora import load_adapter  # noqa: E402
+from rl_seg.score import score_probabilities  # noqa: E402
+
+SWEEP = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
+KEYS = ("dice", "recall", "precision", "cldice", "betti0_error")
+
+
+def policies(results: Path) -> dict[str, tuple[str, Path | None]]:
+    out = {"(a) warm start": ("default", None), "(c) supervised soft-Dice continuation": (str(results / "sft_dice" / "best"), None)}
+    for name, label in (("pixel", "(d) PPO, pixel advantage"), ("group", "(d) PPO, group advantage"),
+                        ("value", "(d) PPO, value advantage"), ("recall", "(e) PPO, recall-weighted reward")):
+        if (results / name / "final_adapter").is_dir():
+            out[label] = ("default", results / name / "final_adapter")
+    return out
+
+
+def probabilities(spec: tuple[str, Path | None], dataset) -> list[np.ndarray]:
+    policy = load_policy(spec[0])
+    if spec[1] is not None:
+        policy = load_adapter(policy, spec[1])
+    return predict_probabilities(policy, dataset, progress=False)
+
+
+def interp_precision(curve: list[tuple[float, float]], recall: float) -> float:
+    pts = sorted(curve)
+    rs, ps = [r for r, _ in pts], [p for _, p in pts]
+    return float(np.interp(recall, rs, ps))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ppo"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    specs = policies(args.results)
+    report = {}
+    for data in ("drive", "arcade"):
+        test, val = load_dataset(data, "test"), load_dataset(data, "val")
+        rows = {}
+        warm_val = score_probabilities(list(zip(val, probabilities(specs["(a) warm start"], val))), SWEEP, False)
+        best_t = max(warm_val["thresholds"], key=lambda t: warm_val["thresholds"][t]["dice"])
+        for label, spec in specs.items():
+            probs = probabilities(spec, test)
+            sweep = SWEEP if label == "(a) warm start" else [0.5]
+            scored = score_probabilities(list(zip(test, probs)), sweep, False)
+            rows[label] = {k: scored["mean"][k] for k in KEYS}
+            if label == "(a) warm start":
+                rows["(b) warm start at best val threshold " + best_t] = {
+                    k: scored["thresholds"][best_t][k] for k in KEYS}
+                curve = [(m["recall"], m["precision"]) for m in scored["thresholds"].values()]
+                report[f"{data}_warm_sweep"] = scored["thresholds"]
+            print(f"{data} {label}: " + " ".join(f"{k} {rows[label][k]:.4f}" for k in KEYS), flush=True)
+        for label, m in rows.items():
+            m["precision_above_curve"] = m["precision"] - interp_precision(curve, m["recall"])
+        report[data] = rows
+        draw(data, curve, rows, args.out / f"pr_{data}.png")
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+    return 0
+
+
+def draw(data: str, curve, rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    rs, ps = zip(*sorted(curve))
+    ax.plot(rs, ps, "-", color="grey", label="warm start, threshold sweep 0.05-0.95")
+    markers = iter("osD^v<>p*h")
+    for label, m in rows.items():
+        ax.plot(m["recall"], m["precision"], next(markers), label=label, markersize=7)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"{data.upper()} test: operating points vs the warm start's sweep")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    lines = []
+    for data in ("drive", "arcade"):
+        lines += [f"\n{data.upper()} test", "",
+                  "| run | Dice | recall | precision | clDice | betti0_error | precision above the sweep at equal recall |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, m in report[data].items():
+            lines.append(f"| {label} | {m['dice']:.4f} | {m['recall']:.4f} | {m['precision']:.4f} | {m['cldice']:.4f} "
+                         f"| {m['betti0_error']:.4f} | {m['precision_above_curve']:+.4f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
