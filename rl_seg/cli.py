@@ -81,6 +81,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tune.sweep import SweepConfig, run_sweep
+
+    cfg = _run_config(args, SweepConfig)
+    if cfg is None:
+        return 0
+    if args.resume:
+        cfg.resume = True
+    summary = run_sweep(cfg)
+    print((Path(summary["path"]) / "trials.md").read_text())
+    print(f"{summary['trials']} trials, {summary['failed']} failed; best config: {summary.get('best_config')}; "
+          f"plot: {summary['plot']}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .evaluate import evaluate_policy, report_text
@@ -156,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(train)
     train.add_argument("--resume", action="store_true", help="continue the run folder's latest checkpoint")
     train.set_defaults(func=cmd_train)
+
+    tn = sub.add_parser("tune", help="Ray Tune sweep whose trials are PPO runs",
+                        description="A Ray Tune sweep over reward weights, learning rate and PPO settings; config "
+                                    "from YAML and key=value overrides (see --help-config).")
+    _config_args(tn)
+    tn.add_argument("--resume", action="store_true", help="restore an interrupted sweep")
+    tn.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("eval", help="evaluate a policy: metrics, threshold sweep, overlays",
                         description="Evaluate a policy's logits on a dataset split, per image and mean, with a "

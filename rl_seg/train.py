@@ -38,7 +38,9 @@ def _pool_reward(cfg: TrainConfig) -> CompositeReward:
     return CompositeReward({**{c: 0.0 for c in extra}, **weights}, normalize=normalize, name=cfg.reward.preset)
 
 
-def run_training(cfg: TrainConfig) -> dict:
+def run_training(cfg: TrainConfig, callbacks: list | None = None, objective: dict | None = None) -> dict:
+    """Run the PPO job. ``callbacks`` go to Ray Train's RunConfig (Tune's report bridge); ``objective``
+    ({metric, min, objective}) adds a constrained objective to every report (``rl-seg tune``)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -81,12 +83,14 @@ def run_training(cfg: TrainConfig) -> dict:
             "rollout_workers": rollout_workers, "pool": pool,
             "train_states": train_states, "val_states": val_states,
             "difficulty": [thin_vessel_fraction(s.gt) for s in train],
+            "objective": objective,
         },
         scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.learner.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=str((run_path / "ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=cfg.learner.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.learner.max_failures),
+                             callbacks=callbacks or []),
     )
     result = trainer.fit()
     for worker in rollout_workers:

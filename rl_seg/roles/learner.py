@@ -279,6 +279,7 @@ def train_loop(config: dict) -> None:
         logger = RunLogger(Path(config["run_path"]), enable_gauges=True)
         session = uuid.uuid4().hex[:8]  # a restarted group re-issues version numbers: keys stay unique
         weights_box = [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
+    last_val: dict = {}
     stop_at = cfg.iterations if cfg.stop_after_iterations is None else min(
         cfg.iterations, start_iteration + cfg.stop_after_iterations)
     for iteration in range(start_iteration, stop_at):
@@ -300,10 +301,19 @@ def train_loop(config: dict) -> None:
             metrics.update(batch.stats)
             metrics["batch_ids"] = batch.ids
             metrics["time/learn"] = t_learn
-            if cfg.val_every and ((iteration + 1) % cfg.val_every == 0 or iteration + 1 == cfg.iterations):
-                metrics.update(coordinator.validate(version, weights_box))
+            if cfg.val_every and ((iteration + 1) % cfg.val_every == 0 or iteration + 1 == cfg.iterations
+                                  or iteration == start_iteration):
+                last_val = coordinator.validate(version, weights_box)
+                metrics.update(last_val)
             metrics["time/iteration"] = time.perf_counter() - t_iter
             logger.log(metrics)
+            # Reports carry the latest validation numbers every iteration, so schedulers (ASHA) always see them.
+            metrics.update({k.replace("/", "_"): v for k, v in last_val.items()})
+            objective = config.get("objective")
+            if objective and last_val:
+                value, floor = metrics[objective["objective"]], objective["min"]
+                shortfall = max(0.0, floor - metrics[objective["metric"]])
+                metrics["objective"] = value - shortfall
         is_ckpt = (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == stop_at
         if is_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
