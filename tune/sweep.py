@@ -216,10 +216,13 @@ def summarize(cfg: SweepConfig, results, path: Path) -> dict:
         values = [] if history is None or objective not in history else [
             float(v) for v in history[objective].tolist() if v == v]
         config = {k: v for k, v in (result.config or {}).items()}
-        trial_id = (result.metrics or {}).get("trial_id", "")
+        trial_id = (result.metrics or {}).get("trial_id") or "_".join(Path(result.path).name.split("_")[2:4])
+        iterations = int((result.metrics or {}).get("iteration", 0))
+        if not values:  # Tune lost this trial's reports (cut off mid-report): read what the run itself wrote
+            values, iterations = _from_run_folder(path / "trials" / f"trial_{trial_id}", objective)
         rows.append({"trial": trial_id, **{f"config/{k}": v for k, v in config.items()},
                      f"best_{objective}": better(values) if values else float("nan"),
-                     "iterations": int((result.metrics or {}).get("iteration", 0)),
+                     "iterations": iterations,
                      "status": _error_line(result.error) if result.error else "ok"})
     keys = sorted({k for r in rows for k in r}, key=lambda k: (not k.startswith("trial"), k))
     with (path / "trials.csv").open("w", newline="") as fh:
@@ -246,6 +249,20 @@ def summarize(cfg: SweepConfig, results, path: Path) -> dict:
     return summary
 
 
+def _metric_key(metric: str) -> str:
+    """Tune reports use ``val_dice``; metrics.jsonl keeps Ray Train's ``val/dice``."""
+    return "val/" + metric[4:] if metric.startswith("val_") else metric
+
+
+def _from_run_folder(run: Path, objective: str) -> tuple[list[float], int]:
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return [], 0
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    key = _metric_key(objective)
+    return [float(r[key]) for r in records if key in r], max((int(r["iteration"]) for r in records), default=0)
+
+
 def _error_line(error) -> str:
     lines = [x.strip() for x in str(error).splitlines() if x.strip()]
     return "ERROR: " + (lines[-1] if lines else type(error).__name__)[:200].replace("|", "/")
@@ -261,7 +278,7 @@ def plot_sweep(path: Path, metric: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "val/" + metric[4:] if metric.startswith("val_") else metric
+    key = _metric_key(metric)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for run in sorted((path / "trials").glob("trial_*")):
         metrics = run / "metrics.jsonl"
