@@ -177,7 +177,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
     fits = [math.floor(available.get("CPU", 0) / cpus)]
     if gpus:
         fits.append(math.floor(available.get("GPU", 0) / gpus))
-    concurrent = cfg.max_concurrent_trials or max(1, min(fits))
+    concurrent = max(1, min(fits))  # what fits; a configured cap may only lower it
+    if cfg.max_concurrent_trials:
+        concurrent = min(concurrent, cfg.max_concurrent_trials)
     log.info("each trial needs %.2f CPU and %.2f GPU: running %d trials at once", cpus, gpus, concurrent)
 
     sweep = {"runs_dir": str(path / "trials"), "train_config": cfg.train_config,
