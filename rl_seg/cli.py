@@ -46,7 +46,9 @@ def _run_config(args: argparse.Namespace, cls):
     if args.help_config:
         print(describe(cls))
         return None
-    return load_config(cls, args.config, args.overrides)
+    # --resume is the flag form of the config's own `resume` field (train and tune have one)
+    overrides = [*args.overrides, *(["resume=true"] if getattr(args, "resume", False) else [])]
+    return load_config(cls, args.config, overrides)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
@@ -69,8 +71,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _run_config(args, TrainConfig)
     if cfg is None:
         return 0
-    if args.resume:
-        cfg.resume = True
     summary = run_training(cfg)
     try:
         curves = plot_run_curves(summary["run_path"])
@@ -87,8 +87,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = _run_config(args, SweepConfig)
     if cfg is None:
         return 0
-    if args.resume:
-        cfg.resume = True
     summary = run_sweep(cfg)
     print((Path(summary["path"]) / "trials.md").read_text())
     print(f"{summary['trials']} trials, {summary['failed']} failed; best config: {summary.get('best_config')}; "
