@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import Sample, VesselDataset
-from .policy.base import SegPolicy
+from .policy.base import SegPolicy, autocast_for
 from .score import DEFAULT_THRESHOLD, format_report, score_probabilities
 
 __all__ = ["predict_probabilities", "evaluate_policy", "overlay", "write_overlays", "report_text"]
@@ -30,13 +30,11 @@ def predict_probabilities(policy: SegPolicy, samples: Iterable[Sample], progress
     was_training = policy.training
     policy.eval()
     device = policy.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
     probs = []
     samples = list(samples)
     try:
         for sample in tqdm(samples, desc=desc, unit="image", disable=not progress, leave=False):
-            with autocast:
+            with autocast_for(device):
                 logits = policy(policy.preprocess([sample.image])).logits.float()
             if logits.shape[-2:] != sample.mask.shape:  # low-res decoders (Sa2VA): upsample as Sa2VA does
                 logits = F.interpolate(logits[:, None], size=sample.mask.shape, mode="bilinear",

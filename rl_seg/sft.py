@@ -27,6 +27,7 @@ from rewards.metrics import MaskPair, Target
 from .config import save_config
 from .data import Sample, load_dataset
 from .evaluate import predict_probabilities
+from .policy.base import autocast_for
 from .policy.default_model import DefaultModelConfig, DefaultSegModel, standardize
 
 __all__ = ["SFTConfig", "run_sft", "mask_loss"]
@@ -169,15 +170,13 @@ def run_sft(cfg: SFTConfig) -> dict:
             group["lr"] = lr
         print(f"resumed from {ckpt} at step {step} (best mean val Dice {best:.4f})")
 
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
     log = (out / "metrics.jsonl").open("a")
     bar = tqdm(total=cfg.steps, initial=step, desc="sft", unit="step", disable=not cfg.progress)
     start, losses = time.time(), []
     model.train()
     while step < cfg.steps:
         x, y = sampler.batch(cfg.batch_size)
-        with amp:
+        with autocast_for(device):
             logits = model(x).logits
         loss = mask_loss(logits.float(), y, cfg.bce_weight, cfg.dice_weight)
         optimizer.zero_grad(set_to_none=True)

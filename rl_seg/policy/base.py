@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["PolicyOutput", "SegPolicy", "POLICIES", "register_policy", "load_policy", "DEFAULT_PROMPT"]
+__all__ = ["PolicyOutput", "SegPolicy", "POLICIES", "register_policy", "load_policy", "DEFAULT_PROMPT",
+           "autocast_for"]
 
 #: The Sa2VA-style request every policy is trained and evaluated with unless a dataset says otherwise.
 DEFAULT_PROMPT = "Please segment the blood vessels."
@@ -72,6 +73,14 @@ class SegPolicy(nn.Module, ABC):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+def autocast_for(device: torch.device) -> torch.autocast:
+    """bf16 autocast on a GPU, full precision on a CPU: the one mixed-precision rule of rollout, learner,
+    evaluation and SFT (a fresh context each call: autocast objects are not meant to be re-entered)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 POLICIES: dict[str, type[SegPolicy]] = {}

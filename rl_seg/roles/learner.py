@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import from_dict
 from ..policy import MaskDistribution, load_policy
+from ..policy.base import autocast_for
 from ..policy.lora import attach_lora
 from ..ppo.config import TrainConfig
 from ..ppo.core import AdvantageInputs, compute_advantages, ppo_loss
@@ -150,19 +151,17 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
     temp = cfg.rollout.temperature
     mine = _shard(batch, rank, world)
     pixel_values = {j: module.policy.preprocess([batch.images[j]]) for j in mine}
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
 
     # Old policy (this version, no gradient), reference policy (adapter off) and values, once per iteration.
     prepared = {}
     with torch.no_grad():
         for j in mine:
-            with amp:
+            with autocast_for(device):
                 logits, value = engine(pixel_values[j])
             logits = logits.float()
             ref_logits = None
             if cfg.ppo.loss.kl_coef > 0:
-                with module.policy.disable_adapter(), amp:
+                with module.policy.disable_adapter(), autocast_for(device):
                     ref_logits = module.policy(pixel_values[j]).logits.float()
             actions, gt, valid = _tensors(batch, j, device)
             old = MaskDistribution(logits.expand(k, -1, -1), temp, valid)
@@ -201,7 +200,7 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
         order = [mine[i] for i in torch.randperm(len(mine), generator=g).tolist()]
         for start in range(0, len(order), mb):
             group = order[start:start + mb]
-            with amp:
+            with autocast_for(device):
                 logits, value = engine(torch.cat([pixel_values[j] for j in group]))
             loss = 0.0
             for n, j in enumerate(group):

@@ -17,6 +17,7 @@ import ray
 import torch
 
 from ..policy import MaskDistribution, load_policy
+from ..policy.base import autocast_for
 from ..policy.lora import LoraSettings, attach_lora
 
 __all__ = ["RolloutWorker", "adapter_state", "load_adapter_state"]
@@ -63,9 +64,7 @@ class RolloutWorker:
         return time.perf_counter() - start
 
     def _logits(self, image: np.ndarray) -> torch.Tensor:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast(
-            "cpu", enabled=False)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast_for(self.device):
             return self.model(self.model.preprocess([image])).logits.float()
 
     def sample(self, version: int, weights_box: list, states: list, k: int, temperature: float,
