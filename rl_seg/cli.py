@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -135,6 +136,66 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .ppo.config import TrainConfig
+    from .service.jobs import dashboard_url, job_client, submit_training
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)  # bad configs fail here, not on the cluster
+    name = args.name or cfg.name
+    run_dir = (args.run_dir or cfg.run_dir).resolve()
+    working_dir = None if args.no_working_dir else args.working_dir.resolve()
+    config_path = args.config.resolve()
+    if working_dir is not None and config_path.is_relative_to(working_dir):
+        config_path = config_path.relative_to(working_dir)  # the job runs inside the uploaded copy
+    client = job_client(args.address)
+    submission_id = submit_training(client, config_path, run_dir=run_dir, name=name, overrides=args.overrides,
+                                    working_dir=working_dir, python=args.python)
+    dashboard = dashboard_url(args.address)
+    print(f"submitted job {submission_id}\n  run folder: {run_dir / name}\n  dashboard:  {dashboard}/#/jobs/"
+          f"{submission_id}\n  logs:       ray job logs --address {dashboard} -f {submission_id}", flush=True)
+    if not args.follow:
+        return 0
+    return _follow(client, submission_id)
+
+
+def _follow(client, submission_id: str) -> int:
+    import asyncio
+
+    async def tail():
+        async for chunk in client.tail_job_logs(submission_id):
+            print(chunk, end="", flush=True)
+
+    asyncio.run(tail())
+    status = client.get_job_status(submission_id)
+    print(f"job {submission_id}: {status.value}")
+    return 0 if status.value == "SUCCEEDED" else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import ServiceSettings, load_or_create_token, serve
+    from .service.server import TOKEN_ENV, start_in_cluster
+
+    token_file = args.token_file or args.runs / ".service_token"
+    token = load_or_create_token(token_file)
+    settings = ServiceSettings(runs_root=args.runs.resolve(), sweeps_root=args.sweeps.resolve() if args.sweeps
+                               else None, token=token, ray_address=args.ray_address, python=args.python)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {args.host}: the read endpoints are open to anyone who reaches it",
+              file=sys.stderr)
+    where = f"${TOKEN_ENV}" if os.environ.get(TOKEN_ENV) else token_file
+    if args.in_cluster:
+        from .ray_env import init_ray
+
+        init_ray(args.ray_address if args.ray_address and "://" not in args.ray_address else None)
+        _, url = start_in_cluster(settings, args.host, args.port)
+        print(f"status service running in the cluster at {url} (docs {url}/docs); control token in {where}")
+        return 0
+    print(f"status service on http://{args.host}:{args.port} (docs /docs); control token in {where}", flush=True)
+    serve(settings, args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rl-seg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -176,6 +237,39 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(tn)
     tn.add_argument("--resume", action="store_true", help="restore an interrupted sweep")
     tn.set_defaults(func=cmd_tune)
+
+    sb = sub.add_parser("submit", help="submit `rl-seg train` to a Ray cluster as a job",
+                        description="Wraps `ray job submit`: validates the config here, uploads the working dir "
+                                    "(without .venv, runs, .git), sets the entry point, runtime env and token "
+                                    "authentication, and prints the job id and the dashboard URL.")
+    sb.add_argument("--config", type=Path, required=True, help="train config YAML")
+    sb.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    sb.add_argument("--address", default=None, help="dashboard address (default: $RAY_ADDRESS if http, else "
+                    "http://127.0.0.1:8265)")
+    sb.add_argument("--name", default=None, help="run name (default: the config's name)")
+    sb.add_argument("--run-dir", type=Path, default=None, help="parent of the run folder, as the cluster sees it "
+                    "(default: the config's run_dir, made absolute; shared storage on a multi-node cluster)")
+    sb.add_argument("--working-dir", type=Path, default=Path("."), help="uploaded as the job's working dir")
+    sb.add_argument("--no-working-dir", action="store_true", help="upload nothing (rl-seg is installed there)")
+    sb.add_argument("--python", default="python", help="python on the cluster that has rl-seg installed")
+    sb.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 unless "
+                    "it SUCCEEDED")
+    sb.set_defaults(func=cmd_submit)
+
+    sv = sub.add_parser("serve", help="the status service (FastAPI): runs, metrics, health, sweeps; stop/submit",
+                        description="Serve run and sweep status over HTTP (OpenAPI docs at /docs). Binds "
+                                    "127.0.0.1 by default; stop/submit need the bearer token.")
+    sv.add_argument("--runs", type=Path, default=Path("runs"), help="runs root (the train config's run_dir)")
+    sv.add_argument("--sweeps", type=Path, default=None, help="sweeps root (the sweep config's out_dir)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sv.add_argument("--ray-address", default=None, help="Ray dashboard address for job status/submit/stop, e.g. "
+                    "http://127.0.0.1:8265")
+    sv.add_argument("--token-file", type=Path, default=None, help="control token file (default: RUNS/.service_"
+                    "token, created owner-only; $RL_SEG_SERVICE_TOKEN wins)")
+    sv.add_argument("--python", default="python", help="python on the cluster for submitted runs")
+    sv.add_argument("--in-cluster", action="store_true", help="run as a detached Ray actor in the cluster")
+    sv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="evaluate a policy: metrics, threshold sweep, overlays",
                         description="Evaluate a policy's logits on a dataset split, per image and mean, with a "

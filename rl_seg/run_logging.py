@@ -36,17 +36,20 @@ class RunLogger:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_path / "tensorboard"))
-        self._gauges = self._make_gauges() if enable_gauges else None
+        self._gauges = self._make_gauges(self.run_path.name) if enable_gauges else None
         self.progress = progress
         self._start = time.time()
 
     @staticmethod
-    def _make_gauges():
+    def _make_gauges(run: str):
         from ray.util.metrics import Gauge
 
-        gauges = {key: Gauge(name, description=desc) for key, (name, desc) in GAUGES.items()}
+        # The run tag tells concurrent runs (Tune trials) apart on one dashboard panel.
+        gauges = {key: Gauge(name, description=desc, tag_keys=("run",)) for key, (name, desc) in GAUGES.items()}
         gauges["time"] = Gauge("rl_seg_phase_seconds", description="seconds per phase of the last iteration",
-                               tag_keys=("phase",))
+                               tag_keys=("run", "phase"))
+        for gauge in gauges.values():
+            gauge.set_default_tags({"run": run})
         return gauges
 
     def log(self, metrics: dict) -> None:

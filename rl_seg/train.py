@@ -21,6 +21,7 @@ from .config import save_config, to_dict
 from .ppo.config import TrainConfig
 from .ppo.states import load_states, thin_vessel_fraction
 from .ray_env import init_ray
+from .run_files import HEALTH, STOP_REQUEST, read_json, stop_requested, update_run_state
 from .roles.coordinator import LOGGED_COMPONENTS, reward_weights
 from .roles.learner import latest_checkpoint
 from .roles.rollout import RolloutWorker
@@ -40,10 +41,8 @@ def _pool_reward(cfg: TrainConfig) -> CompositeReward:
 
 def run_training(cfg: TrainConfig, callbacks: list | None = None, objective: dict | None = None) -> dict:
     """Run the PPO job. ``callbacks`` go to Ray Train's RunConfig (Tune's report bridge); ``objective``
-    ({metric, min, objective}) adds a constrained objective to every report (``rl-seg tune``)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    ({metric, min, objective}) adds a constrained objective to every report (``rl-seg tune``). The run's
+    lifecycle goes to run_state.json for the status service."""
     run_path = cfg.run_path
     resume_from = latest_checkpoint(run_path) if cfg.resume else None
     if cfg.resume and resume_from is None:
@@ -52,9 +51,27 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None, objective: dic
         raise FileExistsError(f"{run_path} already holds a run; choose another name or pass resume=true")
     run_path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_path / "config.yaml")
+    (run_path / STOP_REQUEST).unlink(missing_ok=True)  # a stop request ended the previous session, not this one
+
+    start = time.time()
+    update_run_state(run_path, state="starting", started=start, iterations=cfg.iterations, error=None, ended=None)
+    try:
+        summary = _run(cfg, run_path, start, callbacks, objective)
+    except BaseException as exc:  # KeyboardInterrupt too: the service must not show a dead run as running
+        update_run_state(run_path, state="failed", ended=time.time(), error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    update_run_state(run_path, state="stopped" if stop_requested(run_path) and summary["completed"] < cfg.iterations
+                     else "succeeded", ended=time.time(), completed_iterations=summary["completed"])
+    return summary
+
+
+def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray(cfg.ray_address, num_cpus=cfg.ray_num_cpus)
-    start = time.time()
+    context = ray.get_runtime_context()
+    update_run_state(run_path, state="running", ray_job_id=context.get_job_id(), ray_address=context.gcs_address)
     train = load_states(cfg.data.datasets, cfg.data.train_split, cfg.data.image_size, cfg.data.train_limit)
     val = load_states(cfg.data.datasets, cfg.data.val_split, cfg.data.image_size, cfg.data.val_limit)
     log.info("%d training and %d validation images", len(train), len(val))
@@ -96,7 +113,9 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None, objective: dic
     for worker in rollout_workers:
         ray.kill(worker)
     pool.shutdown()
+    completed = int((read_json(run_path / HEALTH) or {}).get("iteration", 0))
     summary = {"run_path": str(run_path), "seconds": time.time() - start, "iterations": cfg.iterations,
+               "completed": completed,
                "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "final_adapter": str(run_path / "final_adapter"), "metrics": result.metrics}
     (run_path / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

@@ -79,6 +79,11 @@ class Coordinator:
         self.order = DataOrder(difficulty, cfg.seed, cfg.data.curriculum)
         self.weights, self.normalize = reward_weights(cfg)
         self.incarnations: dict[int, str] = {}
+        self.worker_restarts = [0] * len(rollout_workers)
+        self.worker_last_reply = [0.0] * len(rollout_workers)
+        self.worker_alive = [True] * len(rollout_workers)
+        #: called with health() when a rollout actor dies or returns, so the service sees it mid-iteration
+        self.health_sink = None
         self.counters = {"rollout_restarts": 0, "rollout_redone": 0, "reward_failures": 0, "masks": 0}
 
     # --- state that checkpoints carry ---------------------------------------------------------------------
@@ -95,6 +100,7 @@ class Coordinator:
         seen = self.incarnations.get(worker)
         if seen is not None and seen != incarnation:
             self.counters["rollout_restarts"] += 1
+            self.worker_restarts[worker] += 1
             log.warning("rollout worker %d was restarted (restarts so far: %d)", worker,
                         self.counters["rollout_restarts"])
         self.incarnations[worker] = incarnation
@@ -131,12 +137,15 @@ class Coordinator:
                     raise RuntimeError(f"rollout request {key} failed {MAX_REDO} times: {exc}") from exc
                 attempts[key] += 1
                 self.counters["rollout_redone"] += 1
+                self._set_alive(worker, False)
                 log.warning("rollout worker %d died during %s; redoing the request (attempt %d)", worker, method,
                             attempts[key])
                 self._wait_until_back(worker)
                 pending[self._call(worker, method, *args)] = key
                 continue
             self._note_incarnation(worker, reply["incarnation"])
+            self.worker_last_reply[worker] = time.time()
+            self._set_alive(worker, True)
             results[key] = reply
         return results
 
@@ -218,6 +227,22 @@ class Coordinator:
         recalls = [o.components["recall"] for o in outcomes if o.ok]
         if recalls and float(np.mean(recalls)) < ar.bound:
             self.weights["recall"] = min(ar.max_weight, self.weights.get("recall", 0.0) + ar.step)
+
+    def _set_alive(self, worker: int, alive: bool) -> None:
+        changed = self.worker_alive[worker] != alive
+        self.worker_alive[worker] = alive
+        if changed and self.health_sink is not None:
+            self.health_sink(self.health())
+
+    def health(self) -> dict:
+        """What the status service shows as worker health: written to health.json every iteration."""
+        return {
+            "rollout": [{"index": w, "alive": self.worker_alive[w], "restarts": self.worker_restarts[w],
+                         "last_reply": self.worker_last_reply[w] or None,
+                         "incarnation": self.incarnations.get(w)} for w in range(len(self.workers))],
+            "rollout_redone": self.counters["rollout_redone"],
+            "reward_pool": {"actors": self.pool.num_actors, **self.pool.stats.as_dict()},
+        }
 
     # --- validation ----------------------------------------------------------------------------------------
     def validate(self, version: int, weights_box: list) -> dict:

@@ -38,6 +38,7 @@ from ..policy.base import autocast_for
 from ..policy.lora import attach_lora
 from ..ppo.config import TrainConfig
 from ..ppo.core import AdvantageInputs, compute_advantages, ppo_loss
+from ..run_files import HEALTH, read_json, stop_requested, write_json_atomic, write_sample_overlay
 from .coordinator import Coordinator, RolloutBatch
 from .rollout import adapter_state
 
@@ -239,6 +240,25 @@ def _all_mean(stats: dict, device) -> dict:
 
 # --- the training function ------------------------------------------------------------------------------------
 
+class _HealthWriter:
+    """Rank 0's health.json: the coordinator's view of its actors plus the learner group's own."""
+
+    def __init__(self, run_path: Path, coordinator: Coordinator, world: int, session: str):
+        self.path = run_path / HEALTH
+        previous = read_json(self.path) or {}
+        # Every start of the group after the first is a restart (a failure or a resumed run).
+        self.learner = {"world_size": world, "session": session,
+                        "starts": int(previous.get("learner", {}).get("starts", 0)) + 1}
+        self.coordinator = coordinator
+        self.iteration, self.version = 0, 0
+        coordinator.health_sink = lambda _: self.write(self.iteration, self.version)
+
+    def write(self, iteration: int, version: int) -> None:
+        self.iteration, self.version = iteration, version
+        write_json_atomic(self.path, {"time": time.time(), "iteration": iteration, "adapter_version": version,
+                                      "learner": self.learner, **self.coordinator.health()})
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: build the engine, restore, then iterate."""
     import deepspeed
@@ -271,16 +291,20 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             log.info("resumed from %s at iteration %d", checkpoint_dir, start_iteration)
 
-    logger = None
+    run_path = Path(config["run_path"])
+    logger = health = None
     if rank == 0:
         from ..run_logging import RunLogger
 
-        logger = RunLogger(Path(config["run_path"]), enable_gauges=True)
+        logger = RunLogger(run_path, enable_gauges=True)
         session = uuid.uuid4().hex[:8]  # a restarted group re-issues version numbers: keys stay unique
         weights_box = [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
+        health = _HealthWriter(run_path, coordinator, world, session)
+        health.write(start_iteration, version)
     last_val: dict = {}
     stop_at = cfg.iterations if cfg.stop_after_iterations is None else min(
         cfg.iterations, start_iteration + cfg.stop_after_iterations)
+    done, stop = start_iteration, [False]
     for iteration in range(start_iteration, stop_at):
         t_iter = time.perf_counter()
         # The batch itself goes through the collective: an ObjectRef pickled outside Ray's serializer is not
@@ -313,7 +337,14 @@ def train_loop(config: dict) -> None:
                 value, floor = metrics[objective["objective"]], objective["min"]
                 shortfall = max(0.0, floor - metrics[objective["metric"]])
                 metrics["objective"] = value - shortfall
-        is_ckpt = (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == stop_at
+            health.write(iteration + 1, version)
+            write_sample_overlay(run_path, batch.images[0], batch.unpack_actions(0)[0], batch.gts[0], batch.fovs[0],
+                                 {"image": batch.ids[0], "iteration": iteration + 1, "rollout_version": batch.version})
+        # A stop request (the status service) ends the run after this iteration, checkpointed; rank 0 decides
+        # for all ranks so that none waits in a collective the others have left.
+        stop = [stop_requested(run_path) if rank == 0 else None]
+        dist.broadcast_object_list(stop, src=0)
+        is_ckpt = (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == stop_at or stop[0]
         if is_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), engine, rank, iteration + 1, version,
@@ -323,9 +354,14 @@ def train_loop(config: dict) -> None:
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(_numbers(metrics))
+        done = iteration + 1
+        if stop[0]:
+            if rank == 0:
+                log.info("stop requested: ended after iteration %d (checkpointed)", iteration + 1)
+            break
     if rank == 0:
         logger.close()
-        if stop_at == cfg.iterations:
+        if done == cfg.iterations:
             module.policy.save_pretrained(str(Path(config["run_path"]) / "final_adapter"),
                                           save_embedding_layers=False)
     dist.barrier()
