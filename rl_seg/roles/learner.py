@@ -276,6 +276,10 @@ def train_loop(config: dict) -> None:
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=params,
                                       config=deepspeed_config(cfg, bf16=use_gpu), dist_init_required=False)
+    # Dropout off (LoRA dropout included), as TRL does for PPO: the ratio pi/pi_old must compare one network on
+    # one input; with dropout the recomputed old log-probs and each update pass draw different masks, and the
+    # ratio carries that noise (and differs from the rollout actors, which sample in eval mode).
+    engine.module.eval()
 
     coordinator = None
     if rank == 0:

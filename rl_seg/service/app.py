@@ -35,7 +35,7 @@ Number = float | int | bool | None
 class ServiceSettings(BaseModel):
     runs_root: Path = Field(description="folder whose sub-folders are run folders (the train config's run_dir)")
     sweeps_root: Path | None = Field(None, description="folder whose sub-folders are sweeps (the sweep's out_dir)")
-    token: str | None = Field(None, description="bearer token of the control endpoints (None: they refuse)")
+    token: str | None = Field(None, description="bearer token of the control endpoints (None: they answer 403)")
     ray_address: str | None = Field(None, description="Ray dashboard address for the job API (None: no jobs)")
     python: str = Field("python", description="python the submitted job runs (on the cluster's head node)")
     jobs_cache_s: float = Field(2.0, description="seconds a job-API listing is reused")
@@ -134,7 +134,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if settings.token is None:
-            raise HTTPException(503, "control endpoints are disabled: the service was started without a token")
+            raise HTTPException(403, "control endpoints are disabled: the service was started without a token")
         if credentials is None:
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(credentials.credentials.encode(), settings.token.encode()):
@@ -234,7 +234,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as exc:
                 raise HTTPException(422, f"config: {exc}") from None
         if settings.ray_address is None:
-            raise HTTPException(503, "no Ray address: start the service with --ray-address to submit runs")
+            raise HTTPException(409, "no Ray address: start the service with --ray-address to submit runs")
         submitted = save_config(cfg, settings.runs_root / ".submitted" / f"{body.name}.yaml")
         submission_id = submit_training(client(), submitted.resolve(), run_dir=settings.runs_root.resolve(),
                                         name=body.name, python=settings.python)

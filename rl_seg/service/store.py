@@ -34,9 +34,13 @@ def safe_child(folder: Path, relative: str) -> Path:
     base = folder.resolve()
     if not relative or "\x00" in relative or Path(relative).is_absolute():
         raise NotFound(f"no file {relative!r}")
-    target = (base / relative).resolve()
-    if not target.is_relative_to(base) or not target.is_file():
-        raise NotFound(f"no file {relative!r}")
+    try:
+        target = (base / relative).resolve()
+        inside = target.is_relative_to(base) and target.is_file()
+    except OSError:  # a name too long for the file system, a loop of links: not a file we have
+        inside = False
+    if not inside:
+        raise NotFound(f"no file {relative[:200]!r}")
     return target
 
 
