@@ -207,7 +207,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             if not (summary["submission_id"] and settings.ray_address):
                 raise HTTPException(409, f"run {run_id!r} is not a Ray job this service can reach: it will stop "
                                          "after its current iteration")
-            job_stopped = bool(client().stop_job(summary["submission_id"]))
+            try:
+                job_stopped = bool(client().stop_job(summary["submission_id"]))
+            except Exception as exc:  # noqa: BLE001
+                raise HTTPException(502, f"the stop request is written; Ray's job API failed to stop the job: "
+                                         f"{type(exc).__name__}: {exc}") from None
         return StopReply(run=run_id, requested=True, job_stopped=job_stopped)
 
     @app.post("/runs", response_model=SubmitReply, status_code=201, dependencies=[Depends(authorized)])
@@ -236,8 +240,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if settings.ray_address is None:
             raise HTTPException(409, "no Ray address: start the service with --ray-address to submit runs")
         submitted = save_config(cfg, settings.runs_root / ".submitted" / f"{body.name}.yaml")
-        submission_id = submit_training(client(), submitted.resolve(), run_dir=settings.runs_root.resolve(),
-                                        name=body.name, python=settings.python)
+        try:
+            submission_id = submit_training(client(), submitted.resolve(), run_dir=settings.runs_root.resolve(),
+                                            name=body.name, python=settings.python)
+        except Exception as exc:  # noqa: BLE001 - the job API's failure, passed on with its message
+            submitted.unlink(missing_ok=True)
+            raise HTTPException(502, f"Ray's job API at {settings.ray_address} refused the job: "
+                                     f"{type(exc).__name__}: {exc}") from None
         jobs_cache["at"] = 0.0
         return SubmitReply(run=body.name, submission_id=submission_id, config=str(submitted))
 

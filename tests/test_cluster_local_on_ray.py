@@ -1,0 +1,187 @@
+"""The operator's path, as the README gives it, with real processes on loopback: start a local head node
+(cluster/local.sh, token authentication on), submit a tiny training run as a Ray job (cluster/submit, which
+wraps `ray job submit`), watch it through the status service (`rl-seg serve`, a real uvicorn server) and the
+Ray metrics endpoint the dashboard reads, stop a second run through the service's token-guarded control
+endpoint, restart the service, stop the head.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+import yaml
+
+from rl_seg.policy.default_model import DefaultModelConfig, DefaultSegModel
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "e2e-control-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(predicate, timeout_s: float, what: str, every: float = 2.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head node of our own (its own ports, state folder and process group), stopped at the end."""
+    state = tmp_path_factory.mktemp("head")
+    env = {**os.environ, "RL_SEG_CLUSTER_STATE": str(state), "RL_SEG_RAY_PORT": str(free_port()),
+           "RL_SEG_DASHBOARD_PORT": str(free_port()), "RL_SEG_METRICS_PORT": str(free_port()),
+           "RL_SEG_NUM_CPUS": "4", "RL_SEG_VENV": str(Path(sys.executable).parent.parent)}
+    env.pop("RAY_ADDRESS", None)
+    started = subprocess.run([str(REPO / "cluster" / "local.sh"), "start"], env=env, capture_output=True,
+                             text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    head = dict(re.findall(r"export (\w+)=(\S+)", (state / "head.env").read_text()))
+    yield {"env": env, "head": head, "state": state, "dashboard_port": int(env["RL_SEG_DASHBOARD_PORT"])}
+    stopped = subprocess.run([str(REPO / "cluster" / "local.sh"), "stop"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not port_open(int(env["RL_SEG_DASHBOARD_PORT"])), "the dashboard still answers after stop"
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    torch.manual_seed(0)
+    policy = DefaultSegModel(DefaultModelConfig.tiny()).save_pretrained(root / "policy")
+    config = {
+        "iterations": 2, "seed": 1, "checkpoint_every": 1, "val_every": 1, "progress": False,
+        "data": {"datasets": ["drive-sample", "arcade-sample"], "image_size": 48, "images_per_iteration": 2,
+                 "val_limit": 1},
+        "policy": {"name": str(policy), "lora": {"dropout": 0.0}},
+        "rollout": {"num_workers": 1, "num_cpus": 0.25, "samples_per_image": 2},
+        "reward": {"num_actors": 1, "num_cpus": 0.25},
+        "learner": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "ppo": {"lr": 5e-3, "warmup_steps": 1},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return {"root": root, "config": path, "config_dict": config, "runs": root / "runs"}
+
+
+class Service:
+    """`rl-seg serve` as its own process, the way an operator runs it."""
+
+    def __init__(self, runs: Path, dashboard: str, env: dict):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rl_seg.cli", "serve", "--runs", str(runs), "--port", str(self.port),
+             "--ray-address", dashboard, "--python", sys.executable],
+            env={**env, "RL_SEG_SERVICE_TOKEN": TOKEN}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_for(self._up, 60, "the status service to answer", every=0.5)
+
+    def _up(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"rl-seg serve exited: {self.proc.stdout.read()}")
+        try:
+            return requests.get(self.url + "/healthz", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    def get(self, path, **kw):
+        return requests.get(self.url + path, timeout=30, **kw)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=30)
+
+
+def test_local_cluster_submit_watch_stop(cluster, tiny_setup):
+    env, head = cluster["env"], cluster["head"]
+    dashboard = head["RAY_ADDRESS"]
+    assert dashboard == f"http://127.0.0.1:{cluster['dashboard_port']}"
+    runs = tiny_setup["runs"]
+
+    # 1. cluster/submit (ray job submit with the working dir, runtime env and token) - followed to the end
+    submit = subprocess.Popen(
+        [str(REPO / "cluster" / "submit"), "--config", str(tiny_setup["config"]), "--run-dir", str(runs),
+         "--name", "short", "--python", sys.executable, "--follow"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # 2. the status service, started while the job runs
+    service = Service(runs, dashboard, env)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        # 3. a second, long run submitted through the service's control endpoint: token required
+        body = {"name": "long", "base": None, "config": {**tiny_setup["config_dict"], "iterations": 500,
+                                                         "checkpoint_every": 100, "val_every": 100}}
+        assert requests.post(service.url + "/runs", json=body).status_code == 401
+        assert requests.post(service.url + "/runs", json=body, headers={"Authorization": "Bearer no"}).status_code == 403
+        created = requests.post(service.url + "/runs", json=body, headers=auth)
+        assert created.status_code == 201, created.text
+        long_job = created.json()["submission_id"]
+
+        out, _ = submit.communicate(timeout=900)
+        assert submit.returncode == 0, out[-3000:]
+        assert re.search(r"submitted job (\S+)", out) and "SUCCEEDED" in out
+        assert f"{dashboard}/#/jobs/" in out  # the dashboard URL is printed
+
+        short = service.get("/runs/short").json()
+        assert short["state"] == "succeeded" and short["job"]["status"] == "SUCCEEDED", short
+        assert short["iteration"] == 2 and short["adapter_version"] == 2
+        history = service.get("/runs/short/metrics", params={"keys": "reward,val/dice"}).json()
+        assert [r["iteration"] for r in history] == [1, 2] and all("reward" in r for r in history)
+        assert [c["iteration"] for c in service.get("/runs/short/checkpoints").json() if not c["final"]] == [1, 2]
+        health = service.get("/runs/short/health").json()
+        assert health["rollout"][0]["alive"] and health["reward_pool"]["scored"] == 2 * 2 * 2
+        assert service.get("/runs/short/sample.png").content[:4] == b"\x89PNG"
+
+        # 4. the live run: its gauges reach Ray's metrics endpoint (what the dashboard's Grafana panels read)
+        wait_for(lambda: (service.get("/runs/long").json().get("iteration") or 0) >= 2, 600, "the long run to iterate")
+        metrics_url = head["RL_SEG_METRICS_URL"]
+        exported = wait_for(lambda: [line for line in requests.get(metrics_url, timeout=10).text.splitlines()
+                                     if line.startswith("ray_rl_seg_reward{") and 'run="long"' in line], 120,
+                            "the rl_seg_reward gauge of run 'long' on the metrics endpoint")
+        assert exported
+        long_run = service.get("/runs/long").json()
+        assert long_run["state"] == "running" and long_run["job"]["status"] == "RUNNING"
+
+        # 5. stop it through the control endpoint: token required; it ends checkpointed, as "stopped"
+        assert requests.post(service.url + "/runs/long/stop", json={}).status_code == 401
+        stopped = requests.post(service.url + "/runs/long/stop", json={"reason": "e2e"}, headers=auth)
+        assert stopped.status_code == 200, stopped.text
+        final = wait_for(lambda: (lambda r: r if r["job"] and r["job"]["status"] == "SUCCEEDED" else None)(
+            service.get("/runs/long").json()), 300, "the stopped run's job to end")
+        assert final["state"] == "stopped" and final["iteration"] < 500
+        assert max(c["iteration"] or 0 for c in service.get("/runs/long/checkpoints").json()) == final["iteration"]
+        jobs = {j["submission_id"]: j["status"] for j in service.get("/jobs").json()}
+        assert jobs[long_job] == "SUCCEEDED" and len(jobs) == 2
+
+        # 6. a restarted service shows the same runs
+        before = service.get("/runs").json()
+        service.stop()
+        service = Service(runs, dashboard, env)
+        assert service.get("/runs").json() == before
+    finally:
+        service.stop()
+        if submit.poll() is None:
+            submit.kill()
