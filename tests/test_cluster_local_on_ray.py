@@ -103,8 +103,8 @@ class Service:
         if self.proc.poll() is not None:
             raise AssertionError(f"rl-seg serve exited: {self.proc.stdout.read()}")
         try:
-            return requests.get(self.url + "/healthz", timeout=2).ok
-        except requests.ConnectionError:
+            return requests.get(self.url + "/healthz", timeout=30).ok
+        except requests.ConnectionError:  # not listening yet
             return False
 
     def get(self, path, **kw):

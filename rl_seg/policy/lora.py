@@ -29,7 +29,8 @@ __all__ = ["LoraSettings", "attach_lora", "load_adapter", "lora_module_names", "
 class LoraSettings:
     r: int = field(default=16, metadata={"help": "LoRA rank (the original plan: 16-32)"})
     alpha: float = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    dropout: float = field(default=0.05, metadata={
+        "help": "dropout on the LoRA input (SFT; the PPO learner runs with dropout off)"})
     targets: str = field(default="llm", metadata={
         "help": "a preset of the policy's lora_targets (e.g. 'llm', 'llm+decoder') or a full-path regex"})
 

@@ -113,12 +113,15 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     store = RunStore(settings.runs_root, settings.sweeps_root)
     app = FastAPI(title="rl-seg status service", version="1", description=__doc__)
     bearer = HTTPBearer(auto_error=False)
-    jobs_cache: dict[str, Any] = {"at": 0.0, "jobs": {}, "error": None}
+    jobs_cache: dict[str, Any] = {"at": 0.0, "jobs": {}, "error": None, "client": None}
 
     def client():
-        from .jobs import job_client
+        """One job client for the service's life: making one costs a round trip (Ray's version check)."""
+        if jobs_cache.get("client") is None:
+            from .jobs import job_client
 
-        return job_client(settings.ray_address)
+            jobs_cache["client"] = job_client(settings.ray_address)
+        return jobs_cache["client"]
 
     def jobs() -> dict[str, dict]:
         """Ray's view of the jobs; the service keeps answering (without it) when Ray is unreachable."""
@@ -128,7 +131,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             try:
                 jobs_cache.update(jobs=list_rl_seg_jobs(client()), error=None)
             except Exception as exc:  # noqa: BLE001 - any failure of the job API is reported, not raised
-                jobs_cache.update(error=f"{type(exc).__name__}: {exc}")
+                jobs_cache.update(error=f"{type(exc).__name__}: {exc}", client=None)
             jobs_cache["at"] = time.monotonic()
         return jobs_cache["jobs"]
 
@@ -245,6 +248,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                                             name=body.name, python=settings.python)
         except Exception as exc:  # noqa: BLE001 - the job API's failure, passed on with its message
             submitted.unlink(missing_ok=True)
+            jobs_cache["client"] = None
             raise HTTPException(502, f"Ray's job API at {settings.ray_address} refused the job: "
                                      f"{type(exc).__name__}: {exc}") from None
         jobs_cache["at"] = 0.0
