@@ -656,3 +656,38 @@ def test_pixel_advantages_and_ppo_loss_improve_dice_of_a_free_logit_map():
     start, end, sampled_means = _train_free_logit_map(seed=11)
     assert end > start + 0.15 and end > 0.9, (start, end)
     assert np.mean(sampled_means[-3:]) > np.mean(sampled_means[:3]) + 0.1, sampled_means
+
+
+@pytest.mark.parametrize("mode", ["pixel", "group", "value"])
+def test_sharded_advantages_with_summed_statistics_equal_the_whole_batch(mode):
+    """Two shards (one image each, as two data-parallel ranks see them) whose batch statistics are summed over
+    both give every sample the advantage of the whole batch; without the sum, pixel and value would not."""
+    import dataclasses
+
+    weights = {"dice": 0.4, "recall": 0.2, "cldice": 0.4}
+    x = _adv_inputs(weights, values=torch.linspace(0.1, 0.6, 6))
+    whole = compute_advantages(mode, x)
+
+    def shard(s):
+        rows = slice(3 * s, 3 * s + 3)
+        return dataclasses.replace(
+            x, actions=x.actions[rows], gt=x.gt[rows], valid=x.valid[rows], prob_taken=x.prob_taken[rows],
+            rewards=x.rewards[rows], components={k: v[rows] for k, v in x.components.items()},
+            groups=x.groups[rows] - x.groups[rows].min(), values=x.values[rows])
+
+    # The "all-reduce": a first pass records each shard's statistics (each mode reduces once, if at all), the
+    # second pass is given their sum, as dist.all_reduce would give every rank.
+    recorded = {0: [], 1: []}
+    for s in (0, 1):
+        compute_advantages(mode, dataclasses.replace(shard(s), reduce_sum=lambda t, s=s: recorded[s].append(t) or t))
+    assert len(recorded[0]) == len(recorded[1]) == (0 if mode == "group" else 1)
+
+    def summed(t):
+        return recorded[0][0] + recorded[1][0]
+
+    sharded = torch.cat([compute_advantages(mode, dataclasses.replace(shard(s), reduce_sum=summed))
+                         for s in (0, 1)])
+    torch.testing.assert_close(sharded, whole, rtol=1e-5, atol=1e-6)
+    if mode != "group":  # the shards' own statistics differ from the batch's: the sum is what makes them equal
+        alone = torch.cat([compute_advantages(mode, shard(s)) for s in (0, 1)])
+        assert not torch.allclose(alone, whole, rtol=1e-3, atol=1e-4)

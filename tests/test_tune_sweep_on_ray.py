@@ -37,6 +37,37 @@ def test_smoke_sweep_asha_stops_trials_and_writes_a_loadable_best_config(ray_loc
         assert (path / "trials" / f"trial_{r['trial']}" / "metrics.jsonl").is_file()
 
 
+def test_population_based_training_exploits_and_explores(ray_local, tmp_path):
+    """PBT over two trials, one segment of one iteration each before the population is compared: the worse
+    trial continues from the better one's adapter with perturbed hyperparameters."""
+    cfg = load_config(SweepConfig, CONFIGS / "smoke.yaml", [
+        f"out_dir={tmp_path}", "name=pbt", "num_samples=2", "scheduler=pbt", "perturbation_interval=1",
+        "quantile_fraction=0.5", "max_concurrent_trials=2",
+        "space={ppo.lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}, "
+        "reward.weights.recall: {type: uniform, low: 0.0, high: 0.4}}"])
+    summary = run_sweep(cfg)
+    assert summary["trials"] == 2 and summary["failed"] == 0
+    trials = tmp_path / "pbt" / "trials"
+    # Synchronous PBT pauses every trial at the boundary: each restarts from a checkpoint, its own or, for the
+    # bottom one, the top one's.
+    restored = sorted(trials.glob("trial_*/adapter_00001_from_trial_*"))
+    exploited = [a for a in restored if a.parent.name != "trial_" + a.name.split("_from_trial_")[1]]
+    assert len(exploited) == 1, f"the bottom trial should have copied the top trial's adapter: {restored}"
+    exploiter = exploited[0].parent
+    assert (trials / ("trial_" + exploited[0].name.split("_from_trial_")[1])).is_dir()
+    first = load_config(TrainConfig, exploiter / "segment_00000" / "config.yaml")
+    second = load_config(TrainConfig, exploiter / "segment_00001" / "config.yaml")
+    assert second.policy.init_adapter == str(exploited[0])  # continued from the donor's adapter ...
+    assert (second.ppo.lr, second.reward.weights) != (first.ppo.lr, first.reward.weights)  # ... perturbed
+    assert second.ppo.lr_schedule == "constant"
+    with (tmp_path / "pbt" / "trials.csv").open() as fh:
+        assert all(int(r["iterations"]) == 2 for r in csv.DictReader(fh))
+    best = load_config(TrainConfig, tmp_path / "pbt" / "best_config.yaml")
+    assert best.iterations == 2 and best.policy.init_adapter is None
+    with pytest.raises(ConfigError, match="cannot change during a run"):
+        load_config(SweepConfig, None, ["scheduler=pbt", "space={policy.lora.r: {type: choice, values: [8]}}"])
+
+
 def test_sweep_config_errors_and_resources():
     with pytest.raises(ConfigError, match=r"space.ppo.lr: loguniform needs 'low' and 'high'"):
         load_config(SweepConfig, None, ["space={ppo.lr: {type: loguniform}}"])

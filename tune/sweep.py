@@ -36,6 +36,10 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 SPACE_TYPES = ("loguniform", "uniform", "choice", "grid", "randint")
 #: The trial function itself only waits on its PPO job.
 TRIAL_DRIVER_CPUS = 0.25
+#: What population-based training may perturb between segments: nothing that changes a weight's shape.
+PBT_STATE = "pbt.json"
+SEGMENT_PREFIX = "segment_"
+PBT_MUTABLE = ("ppo.lr", "ppo.loss.", "reward.weights.", "rollout.temperature", "rollout.samples_per_image")
 
 
 @dataclass
@@ -58,6 +62,11 @@ class SweepConfig:
     constraint_min: float = field(default=0.85, metadata={"help": "floor for constraint_metric"})
     scheduler: str = field(default="asha", metadata={"help": "asha (early stopping) or fifo"})
     grace_period: int = field(default=1, metadata={"help": "ASHA: iterations before a trial can be stopped"})
+    perturbation_interval: int = field(default=5, metadata={
+        "help": "PBT: PPO iterations per segment; after each, the worst trials copy the adapter of the best and "
+                "perturb their hyperparameters (the space's keys; only those that can change mid-run)"})
+    quantile_fraction: float = field(default=0.25, metadata={
+        "help": "PBT: fraction of trials that exploit (bottom) and are exploited (top)"})
     reduction_factor: float = field(default=2.0, metadata={"help": "ASHA reduction factor"})
     max_concurrent_trials: int | None = field(default=None, metadata={
         "help": "trials at once (null: as many as the cluster's CPUs/GPUs hold)"})
@@ -69,8 +78,17 @@ class SweepConfig:
     def __post_init__(self):
         if self.search not in ("random", "optuna"):
             raise ConfigError(f"search: {self.search!r} is not one of ['random', 'optuna']")
-        if self.scheduler not in ("asha", "fifo"):
-            raise ConfigError(f"scheduler: {self.scheduler!r} is not one of ['asha', 'fifo']")
+        if self.scheduler not in ("asha", "fifo", "pbt"):
+            raise ConfigError(f"scheduler: {self.scheduler!r} is not one of ['asha', 'fifo', 'pbt']")
+        if self.scheduler == "pbt":
+            if self.search != "random":
+                raise ConfigError("scheduler=pbt samples its own population: it needs search=random")
+            fixed = [k for k in self.space if not k.startswith(PBT_MUTABLE)]
+            if fixed:
+                raise ConfigError(f"space: {fixed} cannot change during a run; with scheduler=pbt the space may "
+                                  f"only hold keys under {list(PBT_MUTABLE)}")
+            if self.perturbation_interval < 1:
+                raise ConfigError(f"perturbation_interval must be >= 1, got {self.perturbation_interval}")
         if self.mode not in ("max", "min"):
             raise ConfigError(f"mode: {self.mode!r} is not one of ['max', 'min']")
         for key, spec in self.space.items():
@@ -145,6 +163,8 @@ def _trial(params: dict, *, sweep: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    if sweep.get("pbt"):
+        return _pbt_trial(trial_id, overrides, sweep)
     run_dir = Path(sweep["runs_dir"])
     name = f"trial_{trial_id}"
     extra = [f"name={name}", f"run_dir={run_dir}", "progress=false"]
@@ -157,6 +177,59 @@ def _trial(params: dict, *, sweep: dict) -> None:
     cfg = load_config(TrainConfig, sweep["train_config"], [*sweep["train_overrides"], *overrides, *extra])
     constraint = sweep.get("constraint")
     run_training(cfg, callbacks=[TuneReportCallback()], objective=constraint)
+
+
+def _pbt_trial(trial_id: str, overrides: list[str], sweep: dict) -> None:
+    """A PBT trial: PPO in segments of ``interval`` iterations, each a run of its own that starts from the
+    previous segment's adapter, reporting its validation metrics and its adapter to Tune after each segment.
+
+    When Tune's PBT makes this trial exploit a better one, it restarts the function with perturbed
+    hyperparameters and the better trial's last adapter as the checkpoint: the next segment starts from that
+    adapter. Optimizer moments start fresh every segment (they belong to the old hyperparameters), and the
+    learning rate is held constant after warm-up so that no segment decays to zero.
+    """
+    from ray import tune
+
+    from rl_seg.train import run_training
+
+    base = load_config(TrainConfig, sweep["train_config"], sweep["train_overrides"])
+    trial_dir = Path(sweep["runs_dir"]) / f"trial_{trial_id}"
+    done, init_adapter = 0, None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            origin = json.loads((Path(folder) / PBT_STATE).read_text())
+            done = int(origin["iteration"])
+            init_adapter = trial_dir / f"adapter_{done:05d}_from_trial_{origin['trial']}"
+            if not init_adapter.exists():
+                shutil.copytree(folder, init_adapter)
+    while done < base.iterations:
+        steps = min(sweep["pbt"]["interval"], base.iterations - done)
+        name = f"{SEGMENT_PREFIX}{done:05d}"
+        shutil.rmtree(trial_dir / name, ignore_errors=True)  # a retried segment starts clean
+        cfg = load_config(TrainConfig, sweep["train_config"], [
+            *sweep["train_overrides"], *overrides, f"name={name}", f"run_dir={trial_dir}", f"iterations={steps}",
+            "ppo.lr_schedule=constant", "progress=false", "resume=false", "stop_after_iterations=null",
+            *([f"policy.init_adapter={init_adapter}"] if init_adapter else [])])
+        run_training(cfg)
+        done += steps
+        adapter = trial_dir / name / "final_adapter"
+        (adapter / PBT_STATE).write_text(json.dumps({"iteration": done, "trial": trial_id}) + "\n")
+        report = _segment_report(trial_dir / name, done, sweep.get("constraint"))
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(adapter)))
+        init_adapter = adapter
+
+
+def _segment_report(run: Path, iteration: int, constraint: dict | None) -> dict:
+    """What one segment reports to Tune: the validation metrics of its last iteration, under Tune's names."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    val = next(r for r in reversed(records) if "val/dice" in r)
+    report = {"iteration": iteration, **{k.replace("/", "_"): v for k, v in val.items() if k.startswith("val/")},
+              "reward": records[-1].get("reward")}
+    if constraint:
+        shortfall = max(0.0, constraint["min"] - report[constraint["metric"]])
+        report["objective"] = report[constraint["objective"]] - shortfall
+    return report
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -185,7 +258,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     sweep = {"runs_dir": str(path / "trials"), "train_config": cfg.train_config,
              "train_overrides": list(cfg.train_overrides),
              "constraint": {"metric": cfg.constraint_metric, "min": cfg.constraint_min, "objective": cfg.metric}
-             if cfg.constraint_metric else None}
+             if cfg.constraint_metric else None,
+             "pbt": {"interval": cfg.perturbation_interval} if cfg.scheduler == "pbt" else None}
     trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep), trial_bundles(base))
     if cfg.resume and tune.Tuner.can_restore(str(path / "tune")):
         tuner = tune.Tuner.restore(str(path / "tune"), trainable=trainable, restart_errored=True)
@@ -195,9 +269,20 @@ def run_sweep(cfg: SweepConfig) -> dict:
             from ray.tune.search.optuna import OptunaSearch
 
             search_alg = OptunaSearch(metric=cfg.objective, mode=cfg.mode)
-        scheduler = (ASHAScheduler(metric=cfg.objective, mode=cfg.mode, max_t=base.iterations,
-                                   grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
-                     if cfg.scheduler == "asha" else FIFOScheduler())
+        if cfg.scheduler == "asha":
+            scheduler = ASHAScheduler(metric=cfg.objective, mode=cfg.mode, max_t=base.iterations,
+                                      grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
+        elif cfg.scheduler == "pbt":
+            from ray.tune.schedulers import PopulationBasedTraining
+
+            # Each report is one segment, so Tune's clock (training_iteration) counts segments; synchronous
+            # PBT compares the whole population at every segment boundary, as the original paper does.
+            scheduler = PopulationBasedTraining(
+                time_attr="training_iteration", metric=cfg.objective, mode=cfg.mode, perturbation_interval=1,
+                hyperparam_mutations=search_space(cfg.space), quantile_fraction=cfg.quantile_fraction,
+                synch=True)
+        else:
+            scheduler = FIFOScheduler()
         tuner = tune.Tuner(
             trainable, param_space=search_space(cfg.space),
             tune_config=tune.TuneConfig(num_samples=cfg.num_samples, search_alg=search_alg, scheduler=scheduler,
@@ -240,9 +325,13 @@ def summarize(cfg: SweepConfig, results, path: Path) -> dict:
     summary = {"path": str(path), "trials": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
                "best": best}
     if best is not None:
-        trial_config = path / "trials" / f"trial_{best['trial']}" / "config.yaml"
-        best_cfg = yaml.safe_load(trial_config.read_text())
+        trial = path / "trials" / f"trial_{best['trial']}"
+        segments = sorted(trial.glob(f"{SEGMENT_PREFIX}*/config.yaml"))
+        best_cfg = yaml.safe_load((segments[-1] if segments else trial / "config.yaml").read_text())
         best_cfg.update({"name": f"{cfg.name}-best", "resume": False, "stop_after_iterations": None})
+        if segments:  # PBT: the hyperparameters it ended with, over the whole run, from the start
+            best_cfg["iterations"] = _base_train_config(cfg).iterations
+            best_cfg["policy"]["init_adapter"] = None
         (path / "best_config.yaml").write_text(yaml.safe_dump(best_cfg, sort_keys=False))
         load_config(TrainConfig, path / "best_config.yaml")  # it must load as a train config
         summary["best_config"] = str(path / "best_config.yaml")
@@ -256,11 +345,22 @@ def _metric_key(metric: str) -> str:
     return "val/" + metric[4:] if metric.startswith("val_") else metric
 
 
+def trial_records(run: Path) -> list[dict]:
+    """A trial's metrics.jsonl records: its run folder's, or its PBT segments' with iterations made global."""
+    def read(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    if (run / "metrics.jsonl").is_file():
+        return read(run / "metrics.jsonl")
+    records = []
+    for segment in sorted(run.glob(f"{SEGMENT_PREFIX}*")):
+        offset = int(segment.name.removeprefix(SEGMENT_PREFIX))
+        records += [{**r, "iteration": r["iteration"] + offset} for r in read(segment / "metrics.jsonl")]
+    return records
+
+
 def _from_run_folder(run: Path, objective: str) -> tuple[list[float], int]:
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
-        return [], 0
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = trial_records(run)
     key = _metric_key(objective)
     return [float(r[key]) for r in records if key in r], max((int(r["iteration"]) for r in records), default=0)
 
@@ -283,10 +383,7 @@ def plot_sweep(path: Path, metric: str) -> Path:
     key = _metric_key(metric)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for run in sorted((path / "trials").glob("trial_*")):
-        metrics = run / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        pts = [(r["iteration"], r[key]) for r in map(json.loads, metrics.read_text().splitlines()) if key in r]
+        pts = [(r["iteration"], r[key]) for r in trial_records(run) if key in r]
         if pts:
             ax.plot(*zip(*pts), "o-", label=run.name.removeprefix("trial_"), markersize=3)
     ax.set_xlabel("iteration")

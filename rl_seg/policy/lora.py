@@ -64,6 +64,27 @@ def load_adapter(policy: SegPolicy, adapter_dir: str | Path, trainable: bool = F
     return PeftModel.from_pretrained(policy, str(adapter_dir), is_trainable=trainable)
 
 
+def load_adapter_weights(model: PeftModel, adapter_dir: str | Path) -> None:
+    """Copy a saved adapter's LoRA weights into ``model``'s adapter (which stays trainable); its shapes must
+    match, and every LoRA weight of ``model`` must be covered, else the start would be half fresh."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors")
+    device = next(model.parameters()).device
+    state = {k: v.to(device) for k, v in load_file(str(path)).items()}
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as exc:  # size mismatch: another rank or targets
+        raise ValueError(f"{adapter_dir}: adapter does not fit this model's LoRA layout: {exc}") from None
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing or getattr(result, "unexpected_keys", []):
+        raise ValueError(f"{adapter_dir}: adapter does not match this model's LoRA layout (missing "
+                         f"{missing[:3]}, unexpected {list(getattr(result, 'unexpected_keys', []))[:3]})")
+
+
 def lora_module_names(model: torch.nn.Module) -> list[str]:
     """Qualified names of the modules that carry LoRA weights."""
     return sorted({n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n})

@@ -38,6 +38,9 @@ class DataConfig:
 class PolicyConfig:
     name: str = field(default="default", metadata={"help": "policy name or checkpoint folder (load_policy)"})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "the LoRA adapter PPO trains"})
+    init_adapter: str | None = field(default=None, metadata={
+        "help": "start the adapter from this PEFT adapter folder (same r and targets as `lora`) instead of zero "
+                "(continuing from another run's adapter; population-based training's exploit step)"})
 
 
 @dataclass
@@ -79,7 +82,10 @@ class PPOConfig:
     loss: PPOLossConfig = field(default_factory=PPOLossConfig, metadata={"help": "clip, KL, entropy, value"})
     lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=5, metadata={"help": "optimizer steps of linear warm-up, then cosine"})
+    warmup_steps: int = field(default=5, metadata={"help": "optimizer steps of linear warm-up, then lr_schedule"})
+    lr_schedule: str = field(default="cosine", metadata={
+        "help": "after warm-up: cosine (to zero at the last iteration) or constant (population-based training, "
+                "whose segments must not each decay to zero)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
 
 
@@ -122,6 +128,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.ppo.advantage not in ADVANTAGES:
             raise ConfigError(f"ppo.advantage: {self.ppo.advantage!r} is not one of {sorted(ADVANTAGES)}")
+        if self.ppo.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"ppo.lr_schedule: {self.ppo.lr_schedule!r} is not one of ['cosine', 'constant']")
+        if self.policy.init_adapter is not None and not (Path(self.policy.init_adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"policy.init_adapter: {self.policy.init_adapter} is not a PEFT adapter folder "
+                              "(no adapter_config.json)")
         if self.learner.zero_stage not in (0, 1, 2):
             raise ConfigError(f"learner.zero_stage: {self.learner.zero_stage} (supported: 0, 1, 2; LoRA states "
                               "are small, and stage 3 would need gathering before every weight sync)")

@@ -107,9 +107,15 @@ def group_normalize(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _unit_scale(adv: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Divide by the RMS over valid pixels: a scale, not a centring (centring would move credit between pixels)."""
-    rms = adv.pow(2).sum().div(valid.sum().clamp_min(1)).sqrt()
+def _no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _unit_scale(adv: torch.Tensor, valid: torch.Tensor, reduce=_no_reduce) -> torch.Tensor:
+    """Divide by the RMS over valid pixels: a scale, not a centring (centring would move credit between pixels).
+    ``reduce`` sums the statistics over every shard of the batch, so each shard scales by the batch's RMS."""
+    sums = reduce(torch.stack([adv.pow(2).sum(), valid.sum().to(adv.dtype)]))
+    rms = sums[0].div(sums[1].clamp_min(1)).sqrt()
     return adv / (rms + EPS)
 
 
@@ -124,6 +130,9 @@ class AdvantageInputs:
     weights: dict[str, float]  # the reward's component weights
     groups: torch.Tensor  # N: index of the image each mask was sampled for
     values: torch.Tensor | None = None  # N: V(image) from the value head (value mode)
+    #: Sums a tensor of statistics over the shards of one batch (data-parallel ranks: an all-reduce). Batch-wide
+    #: normalizations (pixel RMS, value whitening) use it, so that N ranks compute what one process would.
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _no_reduce
 
 
 AdvantageFn = Callable[[AdvantageInputs], torch.Tensor]
@@ -152,10 +161,15 @@ def value_advantages(x: AdvantageInputs) -> torch.Tensor:
     if x.values is None:
         raise ValueError("advantage 'value' needs values from the value head")
     a = x.rewards.float() - x.values.float()
-    # Whitened (centred and scaled) as PPO implementations normalize advantages: a value head that is off by
-    # the same amount everywhere must not turn into a huge advantage.
-    a = (a - a.mean()) / (a.std(unbiased=False) + EPS) if a.numel() > 1 else torch.zeros_like(a)
-    return _broadcast(a, x)
+    # Whitened (centred and scaled) over the whole batch, as PPO implementations normalize advantages: a value
+    # head that is off by the same amount everywhere must not turn into a huge advantage.
+    n, total, squares = x.reduce_sum(torch.stack([torch.tensor(float(a.numel()), device=a.device), a.sum(),
+                                                  a.pow(2).sum()]))
+    if n <= 1:
+        return _broadcast(torch.zeros_like(a), x)
+    mean = total / n
+    std = (squares / n - mean.pow(2)).clamp_min(0).sqrt()
+    return _broadcast((a - mean) / (std + EPS), x)
 
 
 @register_advantage("pixel")
@@ -166,7 +180,8 @@ def pixel_advantages(x: AdvantageInputs) -> torch.Tensor:
     adv = torch.zeros(x.actions.shape, dtype=torch.float32, device=x.actions.device)
     if count_w:
         credit = pixel_credit(x.actions, x.gt, x.valid, x.prob_taken, count_w)
-        adv = adv + sum(abs(w) for w in count_w.values()) / total * _unit_scale(credit.float(), x.valid)
+        adv = adv + sum(abs(w) for w in count_w.values()) / total * _unit_scale(credit.float(), x.valid,
+                                                                                  x.reduce_sum)
     if other_w:
         r_other = sum(w * x.components[k].float() for k, w in other_w.items())
         adv = adv + sum(abs(w) for w in other_w.values()) / total * _broadcast(group_normalize(r_other, x.groups), x)

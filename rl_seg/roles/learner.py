@@ -35,7 +35,7 @@ from torch import nn
 from ..config import from_dict
 from ..policy import MaskDistribution, load_policy
 from ..policy.base import autocast_for
-from ..policy.lora import attach_lora
+from ..policy.lora import attach_lora, load_adapter_weights
 from ..ppo.config import TrainConfig
 from ..ppo.core import AdvantageInputs, compute_advantages, ppo_loss
 from ..run_files import HEALTH, read_json, stop_requested, write_json_atomic, write_sample_overlay
@@ -69,7 +69,10 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
                                                    "betas": [0.9, 0.999], "eps": 1e-8}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(cfg.optimizer_steps, cfg.ppo.warmup_steps + 1),
-            "warmup_num_steps": cfg.ppo.warmup_steps, "warmup_type": "linear"}},
+            "warmup_num_steps": cfg.ppo.warmup_steps, "warmup_type": "linear"}}
+        if cfg.ppo.lr_schedule == "cosine" else {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.ppo.lr, "warmup_num_steps": cfg.ppo.warmup_steps,
+            "warmup_type": "linear"}},
         "zero_optimization": {"stage": cfg.learner.zero_stage},
         # bf16 compute through torch autocast inside the engine (DeepSpeed switches an outer autocast off),
         # with fp32 weights: the frozen base keeps full precision and matches the rollout's copy.
@@ -170,7 +173,8 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
                                prob_taken=torch.exp(old.log_prob(actions)), value=value.float(),
                                ref_logits=ref_logits)
 
-    # Advantages over this rank's images at once (group statistics are per image, so sharding is harmless).
+    # Advantages over this rank's images at once; the batch-wide statistics (pixel RMS, value whitening) are
+    # summed over all ranks, so N ranks give each image the advantage one process would.
     # Images of different sizes are padded to a common one; padding is invalid, so it carries no credit.
     hmax = max(prepared[j]["actions"].shape[-2] for j in mine)
     wmax = max(prepared[j]["actions"].shape[-1] for j in mine)
@@ -187,7 +191,8 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
     values = torch.cat([prepared[j]["value"].expand(k) for j in mine])
     adv = compute_advantages(cfg.ppo.advantage, AdvantageInputs(
         actions=cat("actions"), gt=cat("gt"), valid=cat("valid"), prob_taken=cat("prob_taken"), rewards=rewards,
-        components=components, weights=batch.weights, groups=groups, values=values))
+        components=components, weights=batch.weights, groups=groups, values=values,
+        reduce_sum=_all_reduce_sum if world > 1 else (lambda t: t)))
     for n, j in enumerate(mine):
         h, w = prepared[j]["actions"].shape[-2:]
         prepared[j]["adv"] = adv[n * k:(n + 1) * k, :h, :w]
@@ -224,6 +229,12 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
     out["advantage_std"] = float(adv[valid].std())
     out["lr"] = float(engine.get_lr()[0])
     return out
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 def _numbers(metrics: dict) -> dict:
@@ -272,6 +283,8 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
     policy = attach_lora(load_policy(cfg.policy.name, device=device), cfg.policy.lora)
+    if cfg.policy.init_adapter:  # the rollouts receive it with the first weight sync (version 0)
+        load_adapter_weights(policy, cfg.policy.init_adapter)
     module = PPOModule(policy, policy.get_base_model().hidden_size).to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=params,
