@@ -446,7 +446,7 @@ def seq_len(tiles: int, text_tokens: int, tokens_per_tile: int = 256) -> int:
 class Settings:
     lora_rank: int = 16
     lora_targets: str = "attn+mlp"
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # the PPO learner runs in eval mode: LoRA dropout is off, no masks are saved
     micro_batch: int = 4
     samples_per_image: int = 8
     tiles: int = 1
@@ -744,9 +744,8 @@ def render_markdown(rep: dict) -> str:
                         f" vs {_g3(llm_activation_bytes(m.llm, rep['sequence_length'], st.micro_batch, st.lora_rank, st.lora_targets, False, st.attention, st.lora_dropout)['per_layer'])}"
                         for m in MODELS.values()) + " (eager fp32 softmax, fp32 RMSNorm inputs, SwiGLU and the LoRA "
             "input copies make it larger; frozen Linears saving nothing makes it smaller).",
-            "- The learner's LoRA dropout modules are in training mode (peft creates them after `policy.eval()` and "
-            "nothing calls `.eval()` on the learner): their masks are counted above; note the old-log-prob pass "
-            "under no_grad then also drops out, unlike the rollout actors (which call `.eval()`).", ""]
+            "- The PPO learner runs with dropout off (eval mode, as TRL does for PPO), so LoRA dropout saves no "
+            "masks; `--lora-dropout` counts them for a learner that keeps it.", ""]
     return "\n".join(out)
 
 
