@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import ray
@@ -69,6 +70,10 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train's controller takes one report per poll, every 2 s by default, and a worker's next report
+    # waits for it: iterations shorter than that would stall in ray.train.report (measured: 0.8 s of a 1.9 s
+    # iteration on the H100). The driver's value reaches the controller (Ray propagates this variable).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.learner.report_poll_s))
     init_ray(cfg.ray_address, num_cpus=cfg.ray_num_cpus)
     context = ray.get_runtime_context()
     update_run_state(run_path, state="running", ray_job_id=context.get_job_id(), ray_address=context.gcs_address)

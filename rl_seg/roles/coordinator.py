@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,6 +85,8 @@ class Coordinator:
         self.worker_alive = [True] * len(rollout_workers)
         #: called with health() when a rollout actor dies or returns, so the service sees it mid-iteration
         self.health_sink = None
+        # One thread: the pool is driven by one caller at a time, in order.
+        self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-scoring")
         self.counters = {"rollout_restarts": 0, "rollout_redone": 0, "reward_failures": 0, "masks": 0}
 
     # --- state that checkpoints carry ---------------------------------------------------------------------
@@ -122,8 +125,9 @@ class Coordinator:
     def _call(self, worker: int, method: str, *args):
         return getattr(self.workers[worker], method).remote(*args)
 
-    def _gather(self, requests: dict[int, tuple[int, str, tuple]]) -> dict[int, dict]:
-        """Run requests {key: (worker, method, args)}, redoing any whose actor died, until all are answered."""
+    def _gather(self, requests: dict[int, tuple[int, str, tuple]], on_reply=None) -> dict[int, dict]:
+        """Run requests {key: (worker, method, args)}, redoing any whose actor died, until all are answered.
+        ``on_reply(key, reply)`` sees each answer once, as it arrives (a redone request only when it succeeds)."""
         pending = {self._call(w, m, *a): key for key, (w, m, a) in requests.items()}
         results, attempts = {}, {key: 1 for key in requests}
         while pending:
@@ -147,6 +151,8 @@ class Coordinator:
             self.worker_last_reply[worker] = time.time()
             self._set_alive(worker, True)
             results[key] = reply
+            if on_reply is not None:
+                on_reply(key, reply)
         return results
 
     def rollout(self, iteration: int, version: int, weights_box: list) -> RolloutBatch:
@@ -154,24 +160,32 @@ class Coordinator:
         k = cfg.rollout.samples_per_image
         t0 = time.perf_counter()
         picks = self.order.next_batch(cfg.data.images_per_iteration)
-        n = len(self.workers)
-        requests = {}
-        for w in range(n):
-            mine = picks[w::n]
-            if mine:
-                states = [self.train_states[i] for i in mine]
-                seeds = [cfg.seed * 1_000_003 + iteration * 10_007 + int(i) for i in mine]
-                requests[w] = (w, "sample", (version, weights_box, states, k, cfg.rollout.temperature, seeds))
-        replies = self._gather(requests)
-        t_rollout = time.perf_counter() - t0
-
-        samples = {s["id"]: s for reply in replies.values() for s in reply["samples"]}
         ids = [self.train_states[i][0] for i in picks]
-        actions = [np.unpackbits(samples[i]["bits"], count=int(np.prod(samples[i]["shape"])))
-                   .reshape(samples[i]["shape"]).astype(bool) for i in ids]
+        n = len(self.workers)
+        # One request per image, spread over the actors: replies stream back image by image, and each image's
+        # masks are scored (on a scoring thread, through the reward pool) while later images are still being
+        # sampled, so only the last image's scoring is left after the rollout.
+        requests = {}
+        for pos, i in enumerate(picks):
+            seed = cfg.seed * 1_000_003 + iteration * 10_007 + int(i)
+            requests[pos] = (pos % n, "sample", (version, weights_box, [self.train_states[i]], k,
+                                                 cfg.rollout.temperature, [seed]))
+        scoring: dict[int, object] = {}
+        actions: dict[int, np.ndarray] = {}
+
+        def score_as_it_arrives(pos: int, reply: dict) -> None:
+            sample = reply["samples"][0]
+            masks = np.unpackbits(sample["bits"], count=int(np.prod(sample["shape"]))).reshape(sample["shape"])
+            actions[pos] = masks.astype(bool)
+            scoring[pos] = self._scorer.submit(self.pool.score, [(ids[pos], m) for m in actions[pos]])
+
+        replies = self._gather(requests, on_reply=score_as_it_arrives)
+        t_rollout = time.perf_counter() - t0
+        samples = {reply["samples"][0]["id"]: reply["samples"][0] for reply in replies.values()}
         t1 = time.perf_counter()
-        outcomes = self.pool.score([(sid, m) for sid, masks in zip(ids, actions) for m in masks])
-        t_reward = time.perf_counter() - t1
+        outcomes = [o for pos in range(len(picks)) for o in scoring[pos].result()]
+        t_reward = time.perf_counter() - t1  # the scoring the rollout did not hide
+        actions = [actions[pos] for pos in range(len(picks))]
 
         self._adapt_weights(outcomes)
         rewards, components, oks = [], [], []
