@@ -99,7 +99,7 @@ class LearnerConfig:
     micro_batch_images: int = field(default=1, metadata={
         "help": "images (each with its K masks) per forward/backward on one rank"})
     max_failures: int = field(default=1, metadata={"help": "learner-group restarts from the last checkpoint"})
-    report_poll_s: float = field(default=0.1, metadata={
+    report_poll_s: float = field(default=0.05, metadata={
         "help": "how often Ray Train's controller collects reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, when not "
                 "set): each iteration's report waits for it, so it must be well under an iteration"})
 

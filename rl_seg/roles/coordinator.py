@@ -10,6 +10,7 @@ out of the update and counted.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -162,28 +163,48 @@ class Coordinator:
         picks = self.order.next_batch(cfg.data.images_per_iteration)
         ids = [self.train_states[i][0] for i in picks]
         n = len(self.workers)
-        # One request per image, spread over the actors: replies stream back image by image, and each image's
-        # masks are scored (on a scoring thread, through the reward pool) while later images are still being
-        # sampled, so only the last image's scoring is left after the rollout.
+        # One request per image, spread over the actors: replies stream back image by image and a scoring
+        # thread sends whatever has arrived to the reward pool in one call (several images at once when they
+        # arrive together), so scoring runs while later images are still sampled and only the last arrivals'
+        # scoring is left after the rollout.
         requests = {}
         for pos, i in enumerate(picks):
             seed = cfg.seed * 1_000_003 + iteration * 10_007 + int(i)
             requests[pos] = (pos % n, "sample", (version, weights_box, [self.train_states[i]], k,
                                                  cfg.rollout.temperature, [seed]))
-        scoring: dict[int, object] = {}
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
         actions: dict[int, np.ndarray] = {}
 
-        def score_as_it_arrives(pos: int, reply: dict) -> None:
+        def score_arrivals() -> dict[int, list]:
+            scored: dict[int, list] = {}
+            while len(scored) < len(picks):
+                batch = [arrived.get()]
+                while not arrived.empty():
+                    batch.append(arrived.get())
+                if None in batch:  # the rollout failed: nothing more will arrive
+                    return scored
+                outcomes = self.pool.score([(ids[pos], m) for pos in batch for m in actions[pos]])
+                for n_, pos in enumerate(batch):
+                    scored[pos] = outcomes[n_ * k:(n_ + 1) * k]
+            return scored
+
+        def on_reply(pos: int, reply: dict) -> None:
             sample = reply["samples"][0]
             masks = np.unpackbits(sample["bits"], count=int(np.prod(sample["shape"]))).reshape(sample["shape"])
             actions[pos] = masks.astype(bool)
-            scoring[pos] = self._scorer.submit(self.pool.score, [(ids[pos], m) for m in actions[pos]])
+            arrived.put(pos)
 
-        replies = self._gather(requests, on_reply=score_as_it_arrives)
+        scoring = self._scorer.submit(score_arrivals)
+        try:
+            replies = self._gather(requests, on_reply=on_reply)
+        except BaseException:
+            arrived.put(None)
+            raise
         t_rollout = time.perf_counter() - t0
         samples = {reply["samples"][0]["id"]: reply["samples"][0] for reply in replies.values()}
         t1 = time.perf_counter()
-        outcomes = [o for pos in range(len(picks)) for o in scoring[pos].result()]
+        scored = scoring.result()
+        outcomes = [o for pos in range(len(picks)) for o in scored[pos]]
         t_reward = time.perf_counter() - t1  # the scoring the rollout did not hide
         actions = [actions[pos] for pos in range(len(picks))]
 
