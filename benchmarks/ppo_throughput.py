@@ -371,7 +371,7 @@ def run_in_process(cfg: TrainConfig, warmup: int, device: torch.device, sampler:
     import deepspeed
 
     from rl_seg.roles.learner import PPOModule, deepspeed_config, learn
-    from rl_seg.train import _pool_reward
+    from rl_seg.train import pool_reward
 
     if cfg.reward.adaptive_recall.enabled:
         raise ValueError("the in-process baseline keeps the reward weights fixed: turn adaptive_recall off")
@@ -384,7 +384,7 @@ def run_in_process(cfg: TrainConfig, warmup: int, device: torch.device, sampler:
     train = load_states(cfg.data.datasets, cfg.data.train_split, cfg.data.image_size, cfg.data.train_limit)
     by_id = {s.id: s for s in train}
     order = DataOrder([thin_vessel_fraction(s.gt) for s in train], cfg.seed, cfg.data.curriculum)
-    reward = _pool_reward(cfg)
+    reward = pool_reward(cfg)
     weights, normalize = reward_weights(cfg)
     # One cache across iterations, as each reward actor keeps one: a target's skeleton is computed once.
     targets = TargetCache(capacity=max(1, len(train)))

@@ -187,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.in_cluster:
         from .ray_env import init_ray
 
-        init_ray(args.ray_address if args.ray_address and "://" not in args.ray_address else None)
+        init_ray(args.cluster_address)
         _, url = start_in_cluster(settings, args.host, args.port)
         print(f"status service running in the cluster at {url} (docs {url}/docs); control token in {where}")
         return 0
@@ -268,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--token-file", type=Path, default=None, help="control token file (default: RUNS/.service_"
                     "token, created owner-only; $RL_SEG_SERVICE_TOKEN wins)")
     sv.add_argument("--python", default="python", help="python on the cluster for submitted runs")
-    sv.add_argument("--in-cluster", action="store_true", help="run as a detached Ray actor in the cluster")
+    sv.add_argument("--in-cluster", action="store_true", help="run as a detached Ray actor in the cluster (on "
+                    "the node it lands on; named rl-seg-status, restarted by Ray if it dies)")
+    sv.add_argument("--cluster-address", default=os.environ.get("RL_SEG_GCS_ADDRESS"),
+                    help="with --in-cluster: the cluster's GCS address (default: $RL_SEG_GCS_ADDRESS, which "
+                    "cluster/local.sh sets, else $RAY_ADDRESS)")
     sv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="evaluate a policy: metrics, threshold sweep, overlays",

@@ -27,12 +27,12 @@ from .roles.coordinator import LOGGED_COMPONENTS, reward_weights
 from .roles.learner import latest_checkpoint
 from .roles.rollout import RolloutWorker
 
-__all__ = ["run_training", "latest_checkpoint"]
+__all__ = ["run_training", "latest_checkpoint", "pool_reward"]
 
 log = logging.getLogger(__name__)
 
 
-def _pool_reward(cfg: TrainConfig) -> CompositeReward:
+def pool_reward(cfg: TrainConfig) -> CompositeReward:
     """The pool scores the reward's components plus the logged ones (weight 0): totals are formed by the
     coordinator with the current weights, which the adaptive-recall option changes during a run."""
     weights, normalize = reward_weights(cfg)
@@ -91,7 +91,7 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
         for _ in range(cfg.rollout.num_workers)
     ]
     ray.get([w.ready.remote() for w in rollout_workers])
-    pool = RewardPool(_pool_reward(cfg), num_actors=cfg.reward.num_actors, num_cpus_per_actor=cfg.reward.num_cpus,
+    pool = RewardPool(pool_reward(cfg), num_actors=cfg.reward.num_actors, num_cpus_per_actor=cfg.reward.num_cpus,
                       timeout_s=cfg.reward.timeout_s)
     pool.add_targets({s.id: (s.gt, s.fov) for s in train})
 

@@ -2,7 +2,8 @@
 (cluster/local.sh, token authentication on), submit a tiny training run as a Ray job (cluster/submit, which
 wraps `ray job submit`), watch it through the status service (`rl-seg serve`, a real uvicorn server) and the
 Ray metrics endpoint the dashboard reads, stop a second run through the service's token-guarded control
-endpoint, restart the service, stop the head.
+endpoint, restart the service, check the dashboard API wants the token, run the service as an actor inside the
+cluster, stop the head.
 """
 
 import os
@@ -20,6 +21,7 @@ import torch
 import yaml
 
 from rl_seg.policy.default_model import DefaultModelConfig, DefaultSegModel
+from rl_seg.ray_env import auth_token
 
 pytestmark = pytest.mark.ray
 
@@ -181,6 +183,23 @@ def test_local_cluster_submit_watch_stop(cluster, tiny_setup):
         service.stop()
         service = Service(runs, dashboard, env)
         assert service.get("/runs").json() == before
+
+        # 7. the dashboard's API (what its Jobs page shows) wants Ray's token too
+        assert requests.get(f"{dashboard}/api/jobs/", timeout=30).status_code in (401, 403)
+        listed = requests.get(f"{dashboard}/api/jobs/", timeout=30,
+                              headers={"Authorization": f"Bearer {auth_token()}"})
+        assert listed.status_code == 200 and long_job in listed.text
+
+        # 8. the service as a detached actor inside the cluster shows the same runs
+        port = free_port()
+        inside = subprocess.run(
+            [sys.executable, "-m", "rl_seg.cli", "serve", "--in-cluster", "--runs", str(runs), "--port", str(port),
+             "--ray-address", dashboard],
+            env={**env, "RL_SEG_GCS_ADDRESS": head["RL_SEG_GCS_ADDRESS"], "RL_SEG_SERVICE_TOKEN": TOKEN},
+            capture_output=True, text=True, timeout=180)
+        assert inside.returncode == 0, inside.stdout + inside.stderr
+        assert f"http://127.0.0.1:{port}" in inside.stdout
+        assert requests.get(f"http://127.0.0.1:{port}/runs", timeout=30).json() == before
     finally:
         service.stop()
         if submit.poll() is None:
