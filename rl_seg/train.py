@@ -25,6 +25,7 @@ from .ray_env import init_ray
 from .run_files import HEALTH, STOP_REQUEST, read_json, stop_requested, update_run_state
 from .roles.coordinator import LOGGED_COMPONENTS, reward_weights
 from .roles.learner import latest_checkpoint
+from .roles.placement import RolloutPlacement
 from .roles.rollout import RolloutWorker
 
 __all__ = ["run_training", "latest_checkpoint", "pool_reward"]
@@ -84,11 +85,11 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
     train_states = [(s.id, [ray.put((s.image, s.gt, s.fov))]) for s in train]
     val_states = [(s.id, [ray.put((s.image, s.gt, s.fov))]) for s in val]
 
+    placement = RolloutPlacement(cfg)
     rollout_workers = [
-        RolloutWorker.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
-                              max_restarts=cfg.rollout.max_restarts, name=None)
+        RolloutWorker.options(**placement.options(i), max_restarts=cfg.rollout.max_restarts, name=None)
         .remote(cfg.policy.name, cfg.policy.lora, cfg.threads_per_worker, cfg.rollout.num_gpus > 0)
-        for _ in range(cfg.rollout.num_workers)
+        for i in range(cfg.rollout.num_workers)
     ]
     ray.get([w.ready.remote() for w in rollout_workers])
     pool = RewardPool(pool_reward(cfg), num_actors=cfg.reward.num_actors, num_cpus_per_actor=cfg.reward.num_cpus,
@@ -118,6 +119,7 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
     for worker in rollout_workers:
         ray.kill(worker)
     pool.shutdown()
+    placement.release()
     completed = int((read_json(run_path / HEALTH) or {}).get("iteration", 0))
     summary = {"run_path": str(run_path), "seconds": time.time() - start, "iterations": cfg.iterations,
                "completed": completed,

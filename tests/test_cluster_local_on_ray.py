@@ -99,7 +99,11 @@ class Service:
              "--ray-address", dashboard, "--python", sys.executable],
             env={**env, "RL_SEG_SERVICE_TOKEN": TOKEN}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        wait_for(self._up, 60, "the status service to answer", every=0.5)
+        try:
+            wait_for(self._up, 60, "the status service to answer", every=0.5)
+        except BaseException:
+            self.proc.kill()  # never leave a server behind
+            raise
 
     def _up(self):
         if self.proc.poll() is not None:

@@ -120,6 +120,11 @@ class TrainConfig:
         "help": "Ray cluster address (default: RAY_ADDRESS, else a local instance on 127.0.0.1)"})
     ray_num_cpus: float | None = field(default=None, metadata={"help": "logical CPUs of a local Ray instance"})
     threads_per_worker: int = field(default=1, metadata={"help": "torch threads in each actor and worker"})
+    placement: str = field(default="colocated", metadata={
+        "help": "colocated: rollout actors share GPUs with the learners (fractional rollout.num_gpus); "
+                "disaggregated: each rollout actor gets whole GPUs of its own, reserved in a placement group"})
+    placement_timeout_s: float = field(default=300.0, metadata={
+        "help": "disaggregated: how long to wait for the rollout GPUs before failing with what is missing"})
     progress: bool = field(default=True, metadata={"help": "progress line per iteration"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and batch"})
     policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "policy and LoRA"})
@@ -131,6 +136,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.ppo.advantage not in ADVANTAGES:
             raise ConfigError(f"ppo.advantage: {self.ppo.advantage!r} is not one of {sorted(ADVANTAGES)}")
+        if self.placement not in ("colocated", "disaggregated"):
+            raise ConfigError(f"placement: {self.placement!r} is not one of ['colocated', 'disaggregated']")
+        if self.placement == "disaggregated":
+            whole = float(self.rollout.num_gpus).is_integer() and self.rollout.num_gpus >= 1
+            if not whole or (self.learner.use_gpu and not float(self.learner.gpus_per_worker).is_integer()):
+                raise ConfigError(
+                    "placement=disaggregated gives rollout actors and learner ranks GPUs of their own: "
+                    f"rollout.num_gpus ({self.rollout.num_gpus}) must be a whole number >= 1 and "
+                    f"learner.gpus_per_worker ({self.learner.gpus_per_worker}) a whole number")
         if self.ppo.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"ppo.lr_schedule: {self.ppo.lr_schedule!r} is not one of ['cosine', 'constant']")
         if self.policy.init_adapter is not None and not (Path(self.policy.init_adapter) / "adapter_config.json").is_file():
