@@ -78,9 +78,7 @@ class RunStore:
         return folder.is_dir() and any((folder / f).is_file() for f in (RUN_STATE, "metrics.jsonl"))
 
     def run_ids(self) -> list[str]:
-        if not self.runs_root.is_dir():
-            return []
-        return sorted(p.name for p in self.runs_root.iterdir() if _NAME.match(p.name) and self.is_run(p))
+        return self.run_ids_in(self.runs_root)
 
     def run_path(self, run_id: str, root: Path | None = None) -> Path:
         root = root or self.runs_root
@@ -200,7 +198,7 @@ class RunStore:
             rows, finished = [], False
         by_run = {r.get("trial"): r for r in rows}
         live = []
-        for trial in (self.run_ids_in(trials_dir) if trials_dir.is_dir() else []):
+        for trial in self.run_ids_in(trials_dir):
             summary = self.run_summary(trial, root=trials_dir)
             live.append({**summary, "table": by_run.get(trial.removeprefix("trial_")) or by_run.get(trial)})
         best = path / "best_config.yaml"
@@ -209,6 +207,8 @@ class RunStore:
                 "plot": "sweep.png" if (path / "sweep.png").is_file() else None}
 
     def run_ids_in(self, folder: Path) -> list[str]:
+        if not folder.is_dir():
+            return []
         return sorted(p.name for p in folder.iterdir() if _NAME.match(p.name) and self.is_run(p))
 
     def sweep_file(self, sweep_id: str, relative: str) -> Path:
