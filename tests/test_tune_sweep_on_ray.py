@@ -78,6 +78,12 @@ def test_sweep_config_errors_and_resources():
     train = load_config(TrainConfig, None, ["rollout.num_workers=2", "rollout.num_cpus=0.5", "reward.num_actors=2",
                                             "reward.num_cpus=1", "learner.num_workers=2", "learner.cpus_per_worker=1"])
     assert trial_resources(train) == (0.25 + 1.0 + 2.0 + 2.0, 0.0)
+    # the constrained objective: Dice less recall's shortfall under the floor, Dice itself above it
+    from rl_seg.roles.learner import constrained_objective
+
+    floor = {"metric": "val_recall", "min": 0.85, "objective": "val_dice"}
+    assert constrained_objective({"val_dice": 0.8, "val_recall": 0.80}, floor) == pytest.approx(0.75)
+    assert constrained_objective({"val_dice": 0.8, "val_recall": 0.90}, floor) == pytest.approx(0.8)
 
 
 def test_interrupted_sweep_resumes_to_completion(ray_local, tmp_path):

@@ -227,8 +227,9 @@ def _segment_report(run: Path, iteration: int, constraint: dict | None) -> dict:
     report = {"iteration": iteration, **{k.replace("/", "_"): v for k, v in val.items() if k.startswith("val/")},
               "reward": records[-1].get("reward")}
     if constraint:
-        shortfall = max(0.0, constraint["min"] - report[constraint["metric"]])
-        report["objective"] = report[constraint["objective"]] - shortfall
+        from rl_seg.roles.learner import constrained_objective
+
+        report["objective"] = constrained_objective(report, constraint)
     return report
 
 

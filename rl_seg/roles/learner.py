@@ -231,6 +231,13 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
     return out
 
 
+def constrained_objective(metrics: dict, constraint: dict) -> float:
+    """``constraint["objective"]`` less the shortfall of ``constraint["metric"]`` under ``constraint["min"]``
+    (rl-seg tune's "Dice subject to recall >= 0.85")."""
+    shortfall = max(0.0, constraint["min"] - metrics[constraint["metric"]])
+    return metrics[constraint["objective"]] - shortfall
+
+
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
@@ -349,11 +356,8 @@ def train_loop(config: dict) -> None:
             logger.log(metrics)
             # Reports carry the latest validation numbers every iteration, so schedulers (ASHA) always see them.
             metrics.update({k.replace("/", "_"): v for k, v in last_val.items()})
-            objective = config.get("objective")
-            if objective and last_val:
-                value, floor = metrics[objective["objective"]], objective["min"]
-                shortfall = max(0.0, floor - metrics[objective["metric"]])
-                metrics["objective"] = value - shortfall
+            if config.get("objective") and last_val:
+                metrics["objective"] = constrained_objective(metrics, config["objective"])
             health.write(iteration + 1, version)
             write_sample_overlay(run_path, batch.images[0], batch.unpack_actions(0)[0], batch.gts[0], batch.fovs[0],
                                  {"image": batch.ids[0], "iteration": iteration + 1, "rollout_version": batch.version})
