@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # PPO experiments of issue 4 on one GPU host, in one call (see BENCHMARKS.md, "PPO from the warm start").
-# Runs, side by side on the one GPU, each with its own local Ray instance (token auth on):
-#   pixel / group / value advantages with the default reward, pixel with a recall-weighted reward, and the
-#   supervised soft-Dice continuation of the warm start for the same number of optimizer updates.
+# Runs side by side on the one GPU, each with its own local Ray instance (token auth on), plus the supervised
+# soft-Dice continuation of the warm start for the same number of optimizer updates (ITERATIONS x 2 epochs).
+#   EXPERIMENT=baselines (default): pixel / group / value advantages with the default reward, pixel with a
+#                                   recall-weighted reward.
+#   EXPERIMENT=topology:            the 'topology' advantage (per-pixel credit for clDice and Betti-0) with the
+#                                   default reward, at temperature 0.5, with a reward without the recall term,
+#                                   at lr 3e-3; and 'pixel' again as the same-session control.
 # Data: the shipped sample plus .gpu_ppo/ (more DRIVE and ARCADE training and validation images), merged into
-# $DATA. Results (adapters, metrics, logs) are packed into $OUT/ppo_results.tar.gz.
-#   usage on the GPU host:  [LR=1e-3 GROUP_LR=3e-4 SMOKE=1] bash benchmarks/gpu_ppo_experiments.sh ITERATIONS
+# $DATA. Results (adapters, metrics, logs) are packed into $OUT/ppo_results.tar.gz. A run still going at
+# DEADLINE seconds is asked to stop (status-service stop request: it checkpoints after its iteration); its last
+# checkpoint's adapter is packed as final_adapter and the log says so.
+#   usage on the GPU host:  [EXPERIMENT=topology LR=1e-3 GROUP_LR=3e-4 SMOKE=1 DEADLINE=500] \
+#                           bash benchmarks/gpu_ppo_experiments.sh ITERATIONS
 set -u
-ITER=${1:-60}; LR=${LR:-1e-3}; GROUP_LR=${GROUP_LR:-3e-4}; SMOKE=${SMOKE:-1}
+ITER=${1:-60}; LR=${LR:-1e-3}; GROUP_LR=${GROUP_LR:-3e-4}; SMOKE=${SMOKE:-1}; EXPERIMENT=${EXPERIMENT:-baselines}
+DEADLINE=${DEADLINE:-100000}; T0=$SECONDS
 source .whl/install.sh
 # DeepSpeed 0.19 cannot parse arch names like "9.0a" when it derives them itself: name the arch.
 export TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())")
@@ -19,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 COMMON=(run_dir=$RUNS "data.datasets=[drive,arcade]" data.image_size=null data.images_per_iteration=8
         rollout.num_workers=1 rollout.num_gpus=0.1 rollout.samples_per_image=8 reward.num_actors=3
         learner.num_workers=1 learner.use_gpu=true learner.gpus_per_worker=0.1 learner.micro_batch_images=1
-        ppo.epochs=2 ppo.warmup_steps=4 checkpoint_every=1000 val_every=10 ray_num_cpus=16 progress=true
+        ppo.epochs=2 ppo.warmup_steps=4 checkpoint_every=10 val_every=10 ray_num_cpus=16 progress=true
         "policy.lora={r: 16, alpha: 32, dropout: 0.0, targets: llm+decoder}")
 # smoke test first: a broken stack costs seconds, not the whole budget
 if [ "$SMOKE" = 1 ]; then
@@ -28,17 +36,41 @@ if [ "$SMOKE" = 1 ]; then
   grep "\[iter" "$OUT/smoke.log" | tail -2
 fi
 run() { name=$1; shift; python3 -m rl_seg.cli train name=$name iterations=$ITER "${COMMON[@]}" "$@" > "$RUNS/$name.log" 2>&1; }
-run pixel ppo.advantage=pixel ppo.lr=$LR &
-run group ppo.advantage=group ppo.lr=$GROUP_LR &
-run value ppo.advantage=value ppo.lr=$LR &
-run recall ppo.advantage=pixel ppo.lr=$LR "reward.weights={dice: 0.35, recall: 0.4, cldice: 0.25}" &
+case $EXPERIMENT in
+  baselines)
+    NAMES="pixel group value recall"
+    run pixel ppo.advantage=pixel ppo.lr=$LR &
+    run group ppo.advantage=group ppo.lr=$GROUP_LR &
+    run value ppo.advantage=value ppo.lr=$LR &
+    run recall ppo.advantage=pixel ppo.lr=$LR "reward.weights={dice: 0.35, recall: 0.4, cldice: 0.25}" & ;;
+  topology)
+    NAMES="topology topology_t05 topology_norecall topology_lr3e-3 pixel"
+    run topology ppo.advantage=topology ppo.lr=$LR &
+    run topology_t05 ppo.advantage=topology ppo.lr=$LR rollout.temperature=0.5 &
+    run topology_norecall ppo.advantage=topology ppo.lr=$LR "reward.weights={dice: 0.4, cldice: 0.4, betti0: 0.2}" &
+    run topology_lr3e-3 ppo.advantage=topology ppo.lr=3e-3 &
+    run pixel ppo.advantage=pixel ppo.lr=$LR & ;;
+  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology)"; exit 2 ;;
+esac
 # supervised continuation, same number of optimizer updates as each PPO run (ITER x epochs)
 python3 -m rl_seg.cli sft out=$RUNS/sft_dice model=rl_seg/assets/default_model bce_weight=0.0 dice_weight=1.0 \
   steps=$((ITER * 2)) lr=1e-4 warmup_steps=4 batch_size=8 val_every=$((ITER * 2)) progress=false \
   "data=[drive,arcade]" > "$RUNS/sft_dice.log" 2>&1 &
 sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
-wait
-for n in pixel group value recall; do grep "\[iter" "$RUNS/$n.log" | tail -1; done
+# the deadline: ask what still runs to stop after its current iteration (it checkpoints), then wait
+( while [ $((SECONDS - T0)) -lt "$DEADLINE" ]; do sleep 5; done
+  for n in $NAMES; do [ -d "$RUNS/$n/final_adapter" ] || python3 -c \
+    "from pathlib import Path; from rl_seg.run_files import request_stop; request_stop(Path('$RUNS/$n'), 'deadline')"; done
+) & WATCH=$!
+wait $(jobs -p | grep -v "^$WATCH$")
+kill $WATCH 2>/dev/null
+for n in $NAMES; do
+  grep "\[iter" "$RUNS/$n.log" | tail -1
+  if [ ! -d "$RUNS/$n/final_adapter" ]; then  # stopped at the deadline: its last checkpoint's adapter
+    last=$(ls -d "$RUNS/$n"/ray_train/*/checkpoint_* 2>/dev/null | sort | tail -1)
+    [ -n "$last" ] && cp -r "$last/adapter" "$RUNS/$n/final_adapter" && echo "$n: stopped at the deadline, adapter of $last"
+  fi
+done
 tail -2 "$RUNS/sft_dice.log"
 cd "$RUNS" && tar -czf "$OUT/ppo_results.tar.gz" --exclude='ray_train' --exclude='tensorboard' --exclude='checkpoint' \
-  pixel group value recall sft_dice/best sft_dice/metrics.jsonl ./*.log && ls -la "$OUT"
+  $NAMES sft_dice/best sft_dice/metrics.jsonl ./*.log && ls -la "$OUT"

@@ -30,6 +30,7 @@ Read top to bottom (no Ray in here; the learner role calls these):
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -182,12 +183,16 @@ def value_advantages(x: AdvantageInputs) -> torch.Tensor:
 def _topology_credit(x: AdvantageInputs, weights: Mapping[str, float]) -> torch.Tensor:
     """(1 - pi(a_i)) (R(a) - R(a^i)) for the topology terms, from local flip counterfactuals (topology.py)."""
     actions, gt, valid = (t.bool().cpu().numpy() for t in (x.actions, x.gt, x.valid))
-    targets: dict[int, GroundTruthTopology] = {}
-    deltas = np.zeros(actions.shape, dtype=np.float64)
-    for n, g in enumerate(x.groups.tolist()):
-        if g not in targets:  # the K masks of an image share one ground truth
-            targets[g] = GroundTruthTopology(gt[n], valid[n])
-        deltas[n] = local_reward_flips(actions[n], targets[g], weights)
+    groups = x.groups.tolist()
+    if not groups:
+        return torch.zeros(x.actions.shape, dtype=torch.float64, device=x.actions.device)
+    first = {g: n for n, g in reversed(list(enumerate(groups)))}  # the K masks of an image share one truth
+    targets = {g: GroundTruthTopology(gt[n], valid[n]) for g, n in first.items()}
+    # skimage and numpy release the GIL here: threads, as many as the process's torch threads (Ray sets those
+    # from the actor's CPUs), give ~1.8x on 2 cores.
+    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(groups)))) as pool:
+        deltas = np.stack(list(pool.map(lambda n: local_reward_flips(actions[n], targets[groups[n]], weights),
+                                        range(len(groups)))))
     return (1.0 - x.prob_taken.double()) * torch.from_numpy(deltas).to(x.prob_taken.device) * x.valid
 
 
