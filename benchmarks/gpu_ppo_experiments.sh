@@ -7,22 +7,22 @@
 #   EXPERIMENT=topology:            the 'topology' advantage (per-pixel credit for clDice and Betti-0) with the
 #                                   default reward, at temperature 0.5, with a reward without the recall term,
 #                                   at lr 3e-3; and 'pixel' again as the same-session control.
-# Data: the shipped sample plus .gpu_ppo/ (more DRIVE and ARCADE training and validation images), merged into
-# $DATA. Results (adapters, metrics, logs) are packed into $OUT/ppo_results.tar.gz. A run still going at
+# Data: the shipped sample plus $GPU_DATA (default .gpu_ppo/: more DRIVE and ARCADE training and validation
+# images, git-ignored, carried with the call), merged into $DATA. Results (adapters, metrics, logs) are packed into $OUT/ppo_results.tar.gz. A run still going at
 # DEADLINE seconds is asked to stop (status-service stop request: it checkpoints after its iteration); its last
 # checkpoint's adapter is packed as final_adapter and the log says so.
-#   usage on the GPU host:  [EXPERIMENT=topology LR=1e-3 GROUP_LR=3e-4 SMOKE=1 DEADLINE=500] \
+#   usage on the GPU host:  [EXPERIMENT=topology GPU_DATA=.gpu_ppo LR=1e-3 GROUP_LR=3e-4 SMOKE=1 DEADLINE=500] \
 #                           bash benchmarks/gpu_ppo_experiments.sh ITERATIONS
 set -u
 ITER=${1:-60}; LR=${LR:-1e-3}; GROUP_LR=${GROUP_LR:-3e-4}; SMOKE=${SMOKE:-1}; EXPERIMENT=${EXPERIMENT:-baselines}
-DEADLINE=${DEADLINE:-100000}; T0=$SECONDS
+DEADLINE=${DEADLINE:-100000}; T0=$SECONDS; GPU_DATA=${GPU_DATA:-.gpu_ppo}
 source .whl/install.sh
 # DeepSpeed 0.19 cannot parse arch names like "9.0a" when it derives them itself: name the arch.
 export TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())")
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token DATA=/tmp/rlseg-data RL_SEG_DATA_DIR=/tmp/rlseg-data
 OUT=${OUT:-/tmp/out}; RUNS=/tmp/rlseg-runs; rm -rf "$RUNS" "$DATA"; mkdir -p "$OUT" "$RUNS" "$DATA"
 cp -r data/samples/DRIVE "$DATA/DRIVE"; cp -r data/samples/ARCADE "$DATA/ARCADE_syntax"
-cp -r --update=none .gpu_ppo/DRIVE/. "$DATA/DRIVE/"; cp -r --update=none .gpu_ppo/ARCADE_syntax/. "$DATA/ARCADE_syntax/"
+cp -r --update=none "$GPU_DATA/DRIVE/." "$DATA/DRIVE/"; cp -r --update=none "$GPU_DATA/ARCADE_syntax/." "$DATA/ARCADE_syntax/"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 COMMON=(run_dir=$RUNS "data.datasets=[drive,arcade]" data.image_size=null data.images_per_iteration=8
         rollout.num_workers=1 rollout.num_gpus=0.1 rollout.samples_per_image=8 reward.num_actors=3
