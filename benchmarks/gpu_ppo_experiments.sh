@@ -16,6 +16,7 @@
 set -u
 ITER=${1:-60}; LR=${LR:-1e-3}; GROUP_LR=${GROUP_LR:-3e-4}; SMOKE=${SMOKE:-1}; EXPERIMENT=${EXPERIMENT:-baselines}
 DEADLINE=${DEADLINE:-100000}; T0=$SECONDS; GPU_DATA=${GPU_DATA:-.gpu_ppo}
+LEARNER_CPUS=${LEARNER_CPUS:-1}  # the topology advantage's CPU work runs in this many threads
 source .whl/install.sh
 # DeepSpeed 0.19 cannot parse arch names like "9.0a" when it derives them itself: name the arch.
 export TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())")
@@ -27,6 +28,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 COMMON=(run_dir=$RUNS "data.datasets=[drive,arcade]" data.image_size=null data.images_per_iteration=8
         rollout.num_workers=1 rollout.num_gpus=0.1 rollout.samples_per_image=8 reward.num_actors=3
         learner.num_workers=1 learner.use_gpu=true learner.gpus_per_worker=0.1 learner.micro_batch_images=1
+        learner.cpus_per_worker=$LEARNER_CPUS
         ppo.epochs=2 ppo.warmup_steps=4 checkpoint_every=10 val_every=10 ray_num_cpus=16 progress=true
         "policy.lora={r: 16, alpha: 32, dropout: 0.0, targets: llm+decoder}")
 # smoke test first: a broken stack costs seconds, not the whole budget
@@ -67,7 +69,7 @@ kill $WATCH 2>/dev/null
 for n in $NAMES; do
   grep "\[iter" "$RUNS/$n.log" | tail -1
   if [ ! -d "$RUNS/$n/final_adapter" ]; then  # stopped at the deadline: its last checkpoint's adapter
-    last=$(ls -d "$RUNS/$n"/ray_train/*/checkpoint_* 2>/dev/null | sort | tail -1)
+    last=$(ls -d "$RUNS/$n"/ray_train/*/checkpoint_*/ 2>/dev/null | sort | tail -1)  # folders only
     [ -n "$last" ] && cp -r "$last/adapter" "$RUNS/$n/final_adapter" && echo "$n: stopped at the deadline, adapter of $last"
   fi
 done

@@ -32,12 +32,18 @@ SWEEP = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
 KEYS = ("dice", "recall", "precision", "cldice", "betti0_error")
 
 
+#: Labels of the run folders that benchmarks/gpu_ppo_experiments.sh writes; any other run folder with a
+#: final_adapter is reported as "(d) PPO, <folder>".
+RUN_LABELS = {"pixel": "(d) PPO, pixel advantage", "group": "(d) PPO, group advantage",
+              "value": "(d) PPO, value advantage", "recall": "(e) PPO, recall-weighted reward",
+              "topology": "(d) PPO, topology advantage"}
+
+
 def policies(results: Path) -> dict[str, tuple[str, Path | None]]:
     out = {"(a) warm start": ("default", None), "(c) supervised soft-Dice continuation": (str(results / "sft_dice" / "best"), None)}
-    for name, label in (("pixel", "(d) PPO, pixel advantage"), ("group", "(d) PPO, group advantage"),
-                        ("value", "(d) PPO, value advantage"), ("recall", "(e) PPO, recall-weighted reward")):
-        if (results / name / "final_adapter").is_dir():
-            out[label] = ("default", results / name / "final_adapter")
+    runs = sorted(p.parent.name for p in results.glob("*/final_adapter"))
+    for name in sorted(runs, key=lambda n: (n not in RUN_LABELS, list(RUN_LABELS).index(n) if n in RUN_LABELS else 0, n)):
+        out[RUN_LABELS.get(name, f"(d) PPO, {name}")] = ("default", results / name / "final_adapter")
     return out
 
 
@@ -54,24 +60,49 @@ def interp_precision(curve: list[tuple[float, float]], recall: float) -> float:
     return float(np.interp(recall, rs, ps))
 
 
+def curve_gap(run: list[tuple[float, float]], warm: list[tuple[float, float]], points: int = 50) -> float:
+    """Mean of (run's precision - warm start's precision) at equal recall, over the recall range both curves
+    cover: a whole-curve comparison, so no threshold is chosen on the test set."""
+    lo = max(min(r for r, _ in run), min(r for r, _ in warm))
+    hi = min(max(r for r, _ in run), max(r for r, _ in warm))
+    if hi <= lo:
+        return float("nan")
+    grid = np.linspace(lo, hi, points)
+    return float(np.mean([interp_precision(run, r) - interp_precision(warm, r) for r in grid]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ppo"))
+    parser.add_argument("--warm-threshold", action="append", default=[], metavar="DATA=T",
+                        help="(b)'s threshold for a dataset, as an earlier run of this script chose it on the val "
+                             "split (skips that sweep, e.g. where the val images are not at hand)")
+    parser.add_argument("--datasets", default="drive,arcade", help="comma-separated datasets to evaluate")
+    parser.add_argument("--sweep-runs", action="store_true",
+                        help="sweep every run's threshold too, and compare whole curves: the mean precision gap to "
+                             "the warm start's curve over the recall range both cover (no threshold picked on test)")
     args = parser.parse_args()
+    given = dict(item.split("=", 1) for item in args.warm_threshold)
     args.out.mkdir(parents=True, exist_ok=True)
     specs = policies(args.results)
     report = {}
-    for data in ("drive", "arcade"):
-        test, val = load_dataset(data, "test"), load_dataset(data, "val")
+    for data in args.datasets.split(","):
+        test = load_dataset(data, "test")
         rows = {}
-        warm_val = score_probabilities(list(zip(val, probabilities(specs["(a) warm start"], val))), SWEEP, False)
-        best_t = max(warm_val["thresholds"], key=lambda t: warm_val["thresholds"][t]["dice"])
+        if data in given:
+            best_t = str(round(float(given[data]), 2))
+        else:
+            val = load_dataset(data, "val")
+            warm_val = score_probabilities(list(zip(val, probabilities(specs["(a) warm start"], val))), SWEEP, False)
+            best_t = max(warm_val["thresholds"], key=lambda t: warm_val["thresholds"][t]["dice"])
         for label, spec in specs.items():
             probs = probabilities(spec, test)
-            sweep = SWEEP if label == "(a) warm start" else [0.5]
+            sweep = SWEEP if label == "(a) warm start" or args.sweep_runs else [0.5]
             scored = score_probabilities(list(zip(test, probs)), sweep, False)
             rows[label] = {k: scored["mean"][k] for k in KEYS}
+            if args.sweep_runs:
+                rows[label]["sweep"] = [(m["recall"], m["precision"]) for m in scored["thresholds"].values()]
             if label == "(a) warm start":
                 rows["(b) warm start at best val threshold " + best_t] = {
                     k: scored["thresholds"][best_t][k] for k in KEYS}
@@ -80,6 +111,8 @@ def main() -> int:
             print(f"{data} {label}: " + " ".join(f"{k} {rows[label][k]:.4f}" for k in KEYS), flush=True)
         for label, m in rows.items():
             m["precision_above_curve"] = m["precision"] - interp_precision(curve, m["recall"])
+            if "sweep" in m:
+                m["curve_gap"] = curve_gap(m["sweep"], curve)
         report[data] = rows
         draw(data, curve, rows, args.out / f"pr_{data}.png")
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -98,7 +131,10 @@ def draw(data: str, curve, rows, path: Path) -> None:
     ax.plot(rs, ps, "-", color="grey", label="warm start, threshold sweep 0.05-0.95")
     markers = iter("osD^v<>p*h")
     for label, m in rows.items():
-        ax.plot(m["recall"], m["precision"], next(markers), label=label, markersize=7)
+        line, = ax.plot(m["recall"], m["precision"], next(markers), label=label, markersize=7)
+        if "sweep" in m:
+            r, p = zip(*sorted(m["sweep"]))
+            ax.plot(r, p, "-", lw=0.8, alpha=0.6, color=line.get_color())
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_title(f"{data.upper()} test: operating points vs the warm start's sweep")
@@ -111,13 +147,16 @@ def draw(data: str, curve, rows, path: Path) -> None:
 
 def markdown(report: dict) -> str:
     lines = []
-    for data in ("drive", "arcade"):
+    for data in [d for d in ("drive", "arcade") if d in report]:
+        swept = any("curve_gap" in m for m in report[data].values())
         lines += [f"\n{data.upper()} test", "",
-                  "| run | Dice | recall | precision | clDice | betti0_error | precision above the sweep at equal recall |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| run | Dice | recall | precision | clDice | betti0_error | precision above the sweep at equal recall |"
+                  + (" mean precision gap of its own sweep to the warm start's |" if swept else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if swept else "")]
         for label, m in report[data].items():
+            gap = f" {m['curve_gap']:+.4f} |" if "curve_gap" in m else (" - |" if swept else "")
             lines.append(f"| {label} | {m['dice']:.4f} | {m['recall']:.4f} | {m['precision']:.4f} | {m['cldice']:.4f} "
-                         f"| {m['betti0_error']:.4f} | {m['precision_above_curve']:+.4f} |")
+                         f"| {m['betti0_error']:.4f} | {m['precision_above_curve']:+.4f} |{gap}")
     return "\n".join(lines)
 
 
