@@ -7,6 +7,7 @@
 #   EXPERIMENT=topology:            the 'topology' advantage (per-pixel credit for clDice and Betti-0) with the
 #                                   default reward, at temperature 0.5, with a reward without the recall term,
 #                                   at lr 3e-3; and 'pixel' again as the same-session control.
+#   EXPERIMENT=regularized:         'topology' and 'pixel' with a KL anchor to the warm start or an entropy bonus.
 # Data: the shipped sample plus $GPU_DATA (default .gpu_ppo/: more DRIVE and ARCADE training and validation
 # images, git-ignored, carried with the call), merged into $DATA. Results (adapters, metrics, logs) are packed into $OUT/ppo_results.tar.gz. A run still going at
 # DEADLINE seconds is asked to stop (status-service stop request: it checkpoints after its iteration); its last
@@ -52,7 +53,14 @@ case $EXPERIMENT in
     run topology_norecall ppo.advantage=topology ppo.lr=$LR "reward.weights={dice: 0.4, cldice: 0.4, betti0: 0.2}" &
     run topology_lr3e-3 ppo.advantage=topology ppo.lr=3e-3 &
     run pixel ppo.advantage=pixel ppo.lr=$LR & ;;
-  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology)"; exit 2 ;;
+  regularized)  # the topology runs' per-pixel entropy fell 0.049 -> 0.002: anchor them (KL) or reward entropy
+    NAMES="topology_kl0.1 topology_kl1 topology_ent0.1 topology_kl1_lr3e-3 pixel_kl1"
+    run topology_kl0.1 ppo.advantage=topology ppo.lr=$LR ppo.loss.kl_coef=0.1 &
+    run topology_kl1 ppo.advantage=topology ppo.lr=$LR ppo.loss.kl_coef=1.0 &
+    run topology_ent0.1 ppo.advantage=topology ppo.lr=$LR ppo.loss.entropy_coef=0.1 &
+    run topology_kl1_lr3e-3 ppo.advantage=topology ppo.lr=3e-3 ppo.loss.kl_coef=1.0 &
+    run pixel_kl1 ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=1.0 & ;;
+  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized)"; exit 2 ;;
 esac
 # supervised continuation, same number of optimizer updates as each PPO run (ITER x epochs)
 python3 -m rl_seg.cli sft out=$RUNS/sft_dice model=rl_seg/assets/default_model bce_weight=0.0 dice_weight=1.0 \
