@@ -15,10 +15,10 @@ Read top to bottom (no Ray in here; the learner role calls these):
                         below, broadcast; the two parts are each scaled to unit variance and mixed by their
                         share of the reward's weights. That mix is this project's documented answer to the
                         open question of credit for topology; it is a baseline, not a solution.
-   ``topology``         ``pixel`` with the topology terms (clDice, Betti-0, length) given per-pixel credit too, from
-                        local flip counterfactuals (``topology.py``: exact for clDice's sensitivity and for
-                        switching pixels on in Betti-0, first-order for the skeleton's precision and length),
-                        instead of the group baseline. Terms with neither get the group baseline as in ``pixel``.
+   ``topology``         ``pixel`` with clDice and Betti-0 given per-pixel credit too, from local flip
+                        counterfactuals (``topology.py``: exact for clDice's sensitivity, for specks, and for
+                        switching pixels on in Betti-0), instead of the group baseline. Terms with neither
+                        (skeleton length) keep the group baseline, as in ``pixel``.
    ``group``            GRPO-style: K masks per image, advantage (r - mean_group) / (std_group + eps),
                         broadcast to every pixel (what text-RL systems do).
    ``value``            r - V(image), V from a value head on the [SEG] hidden state (the PPO critic), whitened

@@ -14,9 +14,9 @@ exact or nearly so:
 - clDice's topology precision |S(pred) & gt| / |S(pred)|: a pixel with no predicted neighbour is its own
   skeleton, so switching such a pixel on or off adds or removes exactly that skeleton pixel (a speck). Any
   other flip is taken to leave the skeleton alone: a flip next to a thin structure re-routes the skeleton of a
-  sampled mask more often than not, and a first-order model of that (remove the skeleton pixel, nothing else)
-  held for 59% of such flips on the test's vessel-like masks and got the sign of the change right for 40%, worse
-  than no credit; pixel precision (the count terms) is the local counterpart of that channel.
+  sampled mask more often than not: a first-order model of that (remove the skeleton pixel, nothing else)
+  predicted the new skeleton for 59% of pixels of the test's vessel-like masks and the sign of clDice's change for
+  about 40%, worse than no credit; pixel precision (the count terms) is the local counterpart of that channel.
 - Skeleton length has no local counterfactual for the same reason; it keeps the group baseline.
 
 These values feed the same local-expectation advantage as the count terms,
@@ -33,7 +33,7 @@ import numpy as np
 from skimage.measure import label
 from skimage.morphology import skeletonize
 
-__all__ = ["TOPOLOGY_METRICS", "flip_counterfactuals", "GroundTruthTopology"]
+__all__ = ["TOPOLOGY_METRICS", "GroundTruthTopology", "flip_counterfactuals", "local_reward_flips"]
 
 #: Reward components (rewards.composite) whose per-pixel flip counterfactuals this module computes.
 TOPOLOGY_METRICS = ("cldice", "betti0")
