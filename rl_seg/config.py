@@ -15,7 +15,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "save_config", "describe"]
+__all__ = ["ConfigError", "load_config", "merge_trees", "from_dict", "to_dict", "save_config", "describe"]
 
 T = TypeVar("T")
 
@@ -119,10 +119,12 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge_trees(base: dict, update: dict) -> dict:
+    """``update`` laid over ``base``, section by section (a new mapping; the inputs are not changed): how a
+    YAML file lies over the defaults' tree and a ``key=value`` override over the file."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -150,7 +152,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
         update: dict = {}
         _set_dotted(update, key.strip(), value)
-        tree = _merge(tree, update)
+        tree = merge_trees(tree, update)
     return _build(cls, tree)
 
 

@@ -219,7 +219,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.post("/runs", response_model=SubmitReply, status_code=201, dependencies=[Depends(authorized)])
     def submit(body: SubmitRequest):
-        from ..config import ConfigError, _merge, load_config, save_config
+        from ..config import ConfigError, load_config, merge_trees, save_config
         from ..ppo.config import TrainConfig
 
         if (settings.runs_root / body.name).exists():
@@ -231,7 +231,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 raise HTTPException(422, f"base: no shipped config {body.base!r} (have: "
                                          f"{sorted(p.stem for p in CONFIGS.glob('*.yaml'))})")
             tree = yaml.safe_load(base.read_text()) or {}
-        tree = _merge(tree, body.config)
+        tree = merge_trees(tree, body.config)
         with tempfile.TemporaryDirectory() as tmp:
             draft = Path(tmp) / "config.yaml"
             draft.write_text(yaml.safe_dump(tree))
