@@ -8,6 +8,7 @@
 #                                   default reward, at temperature 0.5, with a reward without the recall term,
 #                                   at lr 3e-3; and 'pixel' again as the same-session control.
 #   EXPERIMENT=regularized:         'topology' and 'pixel' with a KL anchor to the warm start or an entropy bonus.
+#   EXPERIMENT=cold:                pixel / topology / group at temperature 0.25, with and without a KL anchor.
 # Data: the shipped sample plus $GPU_DATA (default .gpu_ppo/: more DRIVE and ARCADE training and validation
 # images, git-ignored, carried with the call), merged into $DATA. Results (adapters, metrics, logs) are packed into $OUT/ppo_results.tar.gz. A run still going at
 # DEADLINE seconds is asked to stop (status-service stop request: it checkpoints after its iteration); its last
@@ -60,7 +61,16 @@ case $EXPERIMENT in
     run topology_ent0.1 ppo.advantage=topology ppo.lr=$LR ppo.loss.entropy_coef=0.1 &
     run topology_kl1_lr3e-3 ppo.advantage=topology ppo.lr=3e-3 ppo.loss.kl_coef=1.0 &
     run pixel_kl1 ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=1.0 & ;;
-  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized)"; exit 2 ;;
+  cold)  # temperature 0.25: confident pixels become deterministic, only pixels near the threshold are sampled,
+         # so reward can no longer rise by de-noising pixels the deployed (thresholded) mask already gets right
+    NAMES="pixel_t025 topology_t025 pixel_t025_kl1 topology_t025_kl1 group_t025"
+    COLD=rollout.temperature=0.25
+    run pixel_t025 ppo.advantage=pixel ppo.lr=$LR $COLD &
+    run topology_t025 ppo.advantage=topology ppo.lr=$LR $COLD &
+    run pixel_t025_kl1 ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=1.0 $COLD &
+    run topology_t025_kl1 ppo.advantage=topology ppo.lr=$LR ppo.loss.kl_coef=1.0 $COLD &
+    run group_t025 ppo.advantage=group ppo.lr=$GROUP_LR $COLD & ;;
+  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized | cold)"; exit 2 ;;
 esac
 # supervised continuation, same number of optimizer updates as each PPO run (ITER x epochs)
 python3 -m rl_seg.cli sft out=$RUNS/sft_dice model=rl_seg/assets/default_model bce_weight=0.0 dice_weight=1.0 \
