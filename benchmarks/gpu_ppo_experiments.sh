@@ -10,9 +10,10 @@
 #   EXPERIMENT=regularized:         'topology' and 'pixel' with a KL anchor to the warm start or an entropy bonus.
 #   EXPERIMENT=cold:                pixel / topology / group at temperature 0.25, with and without a KL anchor.
 # Data: the shipped sample plus $GPU_DATA (default .gpu_ppo/: more DRIVE and ARCADE training and validation
-# images, git-ignored, carried with the call), merged into $DATA. Results (adapters, metrics, logs) are packed into $OUT/ppo_results.tar.gz. A run still going at
-# DEADLINE seconds is asked to stop (status-service stop request: it checkpoints after its iteration); its last
-# checkpoint's adapter is packed as final_adapter and the log says so.
+# images, git-ignored, carried with the call), merged into $DATA. Results (adapters, metrics, logs) are packed
+# into $OUT/ppo_results.tar.gz. A run still going at DEADLINE seconds is asked to stop (the status service's stop
+# request: it checkpoints after its iteration); its last checkpoint's adapter is packed as final_adapter and the
+# output says so (evaluate such runs knowing they had fewer updates than (c)).
 #   usage on the GPU host:  [EXPERIMENT=topology GPU_DATA=.gpu_ppo LR=1e-3 GROUP_LR=3e-4 SMOKE=1 DEADLINE=500] \
 #                           bash benchmarks/gpu_ppo_experiments.sh ITERATIONS
 set -u

@@ -41,8 +41,9 @@ RUN_LABELS = {"pixel": "(d) PPO, pixel advantage", "group": "(d) PPO, group adva
 
 def policies(results: Path) -> dict[str, tuple[str, Path | None]]:
     out = {"(a) warm start": ("default", None), "(c) supervised soft-Dice continuation": (str(results / "sft_dice" / "best"), None)}
-    runs = sorted(p.parent.name for p in results.glob("*/final_adapter"))
-    for name in sorted(runs, key=lambda n: (n not in RUN_LABELS, list(RUN_LABELS).index(n) if n in RUN_LABELS else 0, n)):
+    runs = [p.parent.name for p in results.glob("*/final_adapter")]
+    known = list(RUN_LABELS)
+    for name in sorted(runs, key=lambda n: (n not in RUN_LABELS, known.index(n) if n in RUN_LABELS else 0, n)):
         out[RUN_LABELS.get(name, f"(d) PPO, {name}")] = ("default", results / name / "final_adapter")
     return out
 
