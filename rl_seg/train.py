@@ -86,40 +86,46 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
     val_states = [(s.id, [ray.put((s.image, s.gt, s.fov))]) for s in val]
 
     placement = RolloutPlacement(cfg)
-    rollout_workers = [
-        RolloutWorker.options(**placement.options(i), max_restarts=cfg.rollout.max_restarts, name=None)
-        .remote(cfg.policy.name, cfg.policy.lora, cfg.threads_per_worker, cfg.rollout.num_gpus > 0)
-        for i in range(cfg.rollout.num_workers)
-    ]
-    ray.get([w.ready.remote() for w in rollout_workers])
-    pool = RewardPool(pool_reward(cfg), num_actors=cfg.reward.num_actors, num_cpus_per_actor=cfg.reward.num_cpus,
-                      timeout_s=cfg.reward.timeout_s)
-    pool.add_targets({s.id: (s.gt, s.fov) for s in train})
+    # Whatever fails below, the actors, the reward pool and the reserved GPUs go back to the cluster.
+    rollout_workers: list = []
+    pool = None
+    try:
+        rollout_workers = [
+            RolloutWorker.options(**placement.options(i), max_restarts=cfg.rollout.max_restarts, name=None)
+            .remote(cfg.policy.name, cfg.policy.lora, cfg.threads_per_worker, cfg.rollout.num_gpus > 0)
+            for i in range(cfg.rollout.num_workers)
+        ]
+        ray.get([w.ready.remote() for w in rollout_workers])
+        pool = RewardPool(pool_reward(cfg), num_actors=cfg.reward.num_actors, num_cpus_per_actor=cfg.reward.num_cpus,
+                          timeout_s=cfg.reward.timeout_s)
+        pool.add_targets({s.id: (s.gt, s.fov) for s in train})
 
-    resources = {"CPU": cfg.learner.cpus_per_worker}
-    if cfg.learner.use_gpu:
-        resources["GPU"] = cfg.learner.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker=_train_loop,
-        train_loop_config={
-            "cfg": to_dict(cfg), "run_path": str(run_path.resolve()),
-            "rollout_workers": rollout_workers, "pool": pool,
-            "train_states": train_states, "val_states": val_states,
-            "difficulty": [thin_vessel_fraction(s.gt) for s in train],
-            "objective": objective,
-        },
-        scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu,
-                                     resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if cfg.learner.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.name, storage_path=str((run_path / "ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=cfg.learner.max_failures),
-                             callbacks=callbacks or []),
-    )
-    result = trainer.fit()
-    for worker in rollout_workers:
-        ray.kill(worker)
-    pool.shutdown()
-    placement.release()
+        resources = {"CPU": cfg.learner.cpus_per_worker}
+        if cfg.learner.use_gpu:
+            resources["GPU"] = cfg.learner.gpus_per_worker
+        trainer = TorchTrainer(
+            train_loop_per_worker=_train_loop,
+            train_loop_config={
+                "cfg": to_dict(cfg), "run_path": str(run_path.resolve()),
+                "rollout_workers": rollout_workers, "pool": pool,
+                "train_states": train_states, "val_states": val_states,
+                "difficulty": [thin_vessel_fraction(s.gt) for s in train],
+                "objective": objective,
+            },
+            scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu,
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if cfg.learner.use_gpu else "gloo"),
+            run_config=RunConfig(name=cfg.name, storage_path=str((run_path / "ray_train").resolve()),
+                                 failure_config=FailureConfig(max_failures=cfg.learner.max_failures),
+                                 callbacks=callbacks or []),
+        )
+        result = trainer.fit()
+    finally:
+        for worker in rollout_workers:
+            ray.kill(worker)
+        if pool is not None:
+            pool.shutdown()
+        placement.release()
     completed = int((read_json(run_path / HEALTH) or {}).get("iteration", 0))
     summary = {"run_path": str(run_path), "seconds": time.time() - start, "iterations": cfg.iterations,
                "completed": completed,
