@@ -84,7 +84,16 @@ def main() -> int:
                         help="sweep every run's threshold too, and compare whole curves: the mean precision gap to "
                              "the warm start's curve over the recall range both cover (no threshold picked on test)")
     args = parser.parse_args()
-    given = dict(item.split("=", 1) for item in args.warm_threshold)
+    given = {}
+    for item in args.warm_threshold:
+        data, sep, value = item.partition("=")
+        try:
+            given[data] = float(value) if sep and data else None
+        except ValueError:
+            given[data] = None
+        if given[data] is None or round(given[data], 2) not in SWEEP:
+            parser.error(f"--warm-threshold {item!r}: expected DATA=T with T one of the sweep's thresholds "
+                         f"({SWEEP[0]}, {SWEEP[1]}, ..., {SWEEP[-1]})")
     args.out.mkdir(parents=True, exist_ok=True)
     specs = policies(args.results)
     report = {}
@@ -92,7 +101,7 @@ def main() -> int:
         test = load_dataset(data, "test")
         rows = {}
         if data in given:
-            best_t = str(round(float(given[data]), 2))
+            best_t = str(round(given[data], 2))
         else:
             val = load_dataset(data, "val")
             warm_val = score_probabilities(list(zip(val, probabilities(specs["(a) warm start"], val))), SWEEP, False)
