@@ -9,8 +9,13 @@
 #                                   at lr 3e-3; and 'pixel' again as the same-session control.
 #   EXPERIMENT=regularized:         'topology' and 'pixel' with a KL anchor to the warm start or an entropy bonus.
 #   EXPERIMENT=cold:                pixel / topology / group at temperature 0.25, with and without a KL anchor.
+#   EXPERIMENT=full:                temperature 0.25 on (nearly) the warm start's whole training set, datasets
+#                                   drawn equally often: group at two learning rates and without the recall term,
+#                                   pixel with a KL anchor, topology with a light one.
+#   EXPERIMENT=smoke:               the smoke test alone (builds DeepSpeed's ops on a fresh machine).
 # Data: the shipped sample plus $GPU_DATA (default .gpu_ppo/: more DRIVE and ARCADE training and validation
-# images, git-ignored, carried with the call), merged into $DATA. Results (adapters, metrics, logs) are packed
+# images, git-ignored, carried with the call; several folders separated by ':', e.g. one left on the machine by
+# an earlier call and one carried now, when together they exceed one transfer), merged into $DATA. Results (adapters, metrics, logs) are packed
 # into $OUT/ppo_results.tar.gz. A run still going at DEADLINE seconds is asked to stop (the status service's stop
 # request: it checkpoints after its iteration); its last checkpoint's adapter is packed as final_adapter and the
 # output says so (evaluate such runs knowing they had fewer updates than (c)).
@@ -26,7 +31,10 @@ export TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print(\"%d.%d\" % torch.
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token DATA=/tmp/rlseg-data RL_SEG_DATA_DIR=/tmp/rlseg-data
 OUT=${OUT:-/tmp/out}; RUNS=/tmp/rlseg-runs; rm -rf "$RUNS" "$DATA"; mkdir -p "$OUT" "$RUNS" "$DATA"
 cp -r data/samples/DRIVE "$DATA/DRIVE"; cp -r data/samples/ARCADE "$DATA/ARCADE_syntax"
-cp -r --update=none "$GPU_DATA/DRIVE/." "$DATA/DRIVE/"; cp -r --update=none "$GPU_DATA/ARCADE_syntax/." "$DATA/ARCADE_syntax/"
+for extra in ${GPU_DATA//:/ }; do
+  for d in DRIVE ARCADE_syntax; do [ -d "$extra/$d" ] && cp -r --update=none "$extra/$d/." "$DATA/$d/"; done
+done
+echo "training images: DRIVE $(ls "$DATA"/DRIVE/training/images | wc -l) (incl. val), ARCADE $(ls "$DATA"/ARCADE_syntax/images | grep -c ^train_)"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 COMMON=(run_dir=$RUNS "data.datasets=[drive,arcade]" data.image_size=null data.images_per_iteration=8
         rollout.num_workers=1 rollout.num_gpus=0.1 rollout.samples_per_image=8 reward.num_actors=3
@@ -40,6 +48,7 @@ if [ "$SMOKE" = 1 ]; then
     || { tail -50 "$OUT/smoke.log"; exit 1; }
   grep "\[iter" "$OUT/smoke.log" | tail -2
 fi
+[ "$EXPERIMENT" = smoke ] && exit 0
 run() { name=$1; shift; python3 -m rl_seg.cli train name=$name iterations=$ITER "${COMMON[@]}" "$@" > "$RUNS/$name.log" 2>&1; }
 case $EXPERIMENT in
   baselines)
@@ -71,7 +80,15 @@ case $EXPERIMENT in
     run pixel_t025_kl1 ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=1.0 $COLD &
     run topology_t025_kl1 ppo.advantage=topology ppo.lr=$LR ppo.loss.kl_coef=1.0 $COLD &
     run group_t025 ppo.advantage=group ppo.lr=$GROUP_LR $COLD & ;;
-  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized | cold)"; exit 2 ;;
+  full)  # the same images the warm start learnt from (the subsets above were a tenth of ARCADE's)
+    NAMES="group_t025 group_t025_lr1e-3 group_t025_norecall pixel_t025_kl1 topology_t025_kl0.1"
+    COLD=rollout.temperature=0.25
+    run group_t025 ppo.advantage=group ppo.lr=$GROUP_LR $COLD &
+    run group_t025_lr1e-3 ppo.advantage=group ppo.lr=1e-3 $COLD &
+    run group_t025_norecall ppo.advantage=group ppo.lr=$GROUP_LR $COLD "reward.weights={dice: 0.4, cldice: 0.4, betti0: 0.2}" &
+    run pixel_t025_kl1 ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=1.0 $COLD &
+    run topology_t025_kl0.1 ppo.advantage=topology ppo.lr=$LR ppo.loss.kl_coef=0.1 $COLD & ;;
+  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized | cold | full | smoke)"; exit 2 ;;
 esac
 # supervised continuation, same number of optimizer updates as each PPO run (ITER x epochs)
 python3 -m rl_seg.cli sft out=$RUNS/sft_dice model=rl_seg/assets/default_model bce_weight=0.0 dice_weight=1.0 \

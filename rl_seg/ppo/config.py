@@ -28,6 +28,9 @@ class DataConfig:
         "help": "images and masks resized to this square size for rollouts and learning (null: native size, "
                 "then learner.micro_batch_images must be 1)"})
     images_per_iteration: int = field(default=8, metadata={"help": "images per PPO iteration (across learners)"})
+    balance_datasets: bool = field(default=True, metadata={
+        "help": "draw every dataset equally often, whatever its size (as rl-seg sft does); false: every image "
+                "equally often, so a 16-image dataset beside a 300-image one is 5% of each batch"})
     train_limit: int | None = field(default=None, metadata={"help": "use at most N training images per dataset"})
     val_limit: int | None = field(default=None, metadata={"help": "validate on at most N images per dataset"})
     curriculum: bool = field(default=False, metadata={

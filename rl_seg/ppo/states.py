@@ -58,39 +58,68 @@ def thin_vessel_fraction(mask: np.ndarray, max_width: float = 2.0) -> float:
 
 
 class DataOrder:
-    """Epoch-wise permutations of state indices; with ``curriculum`` the first epoch is sorted easy-first."""
+    """Epoch-wise permutations of state indices; with ``curriculum`` the first epoch is sorted easy-first.
 
-    def __init__(self, difficulty: Sequence[float], seed: int, curriculum: bool = False):
+    With ``groups`` (one label per state, e.g. its dataset) the groups take turns, one image each, so every
+    group is drawn equally often whatever its size - as ``rl-seg sft`` samples datasets - and each group runs
+    through its own epoch-wise permutations (a 16-image DRIVE beside 300 ARCADE images would otherwise be 5% of
+    every batch). Without groups, or with one, every image is drawn once per epoch.
+    """
+
+    def __init__(self, difficulty: Sequence[float], seed: int, curriculum: bool = False,
+                 groups: Sequence[str] | None = None):
         self.difficulty = list(difficulty)
         self.seed = seed
         self.curriculum = curriculum
-        self.epoch = 0
-        self.cursor = 0
-        self._order = self._make_order()
+        labels = list(groups) if groups is not None else [""] * len(self.difficulty)
+        if len(labels) != len(self.difficulty):
+            raise ValueError(f"groups has {len(labels)} labels for {len(self.difficulty)} states")
+        if not labels:
+            raise ValueError("no training states to draw from")
+        names = list(dict.fromkeys(labels))  # first-seen order: stable across runs of the same data
+        self.members = [[i for i, g in enumerate(labels) if g == name] for name in names]
+        self.slot = 0  # images drawn so far: which group draws next
+        self.epochs = [0] * len(self.members)
+        self.cursors = [0] * len(self.members)
+        self._orders = [self._make_order(g) for g in range(len(self.members))]
 
-    def _make_order(self) -> list[int]:
-        n = len(self.difficulty)
-        if self.curriculum and self.epoch == 0:
-            return sorted(range(n), key=lambda i: (self.difficulty[i], i))
-        order = list(range(n))
-        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+    def _make_order(self, g: int) -> list[int]:
+        members = self.members[g]
+        if self.curriculum and self.epochs[g] == 0:
+            return sorted(members, key=lambda i: (self.difficulty[i], i))
+        order = list(members)
+        # Group 0 keeps the ungrouped seed, so one group draws exactly the plain order.
+        random.Random(self.seed * 100_003 + self.epochs[g] + 7_919 * g).shuffle(order)
         return order
 
     def next_batch(self, size: int) -> list[int]:
         batch = []
-        while len(batch) < size:
-            if self.cursor >= len(self._order):
-                self.epoch += 1
-                self.cursor = 0
-                self._order = self._make_order()
-            batch.append(self._order[self.cursor])
-            self.cursor += 1
+        for _ in range(size):
+            g = self.slot % len(self.members)
+            self.slot += 1
+            if self.cursors[g] >= len(self._orders[g]):
+                self.epochs[g] += 1
+                self.cursors[g] = 0
+                self._orders[g] = self._make_order(g)
+            batch.append(self._orders[g][self.cursors[g]])
+            self.cursors[g] += 1
         return batch
 
+    @property
+    def epoch(self) -> int:
+        """Completed passes over the smallest group (over all images when ungrouped)."""
+        return min(self.epochs)
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "curriculum": self.curriculum}
+        return {"seed": self.seed, "curriculum": self.curriculum, "slot": self.slot,
+                "epochs": list(self.epochs), "cursors": list(self.cursors)}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.curriculum = state["seed"], state["curriculum"]
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._order = self._make_order()
+        if "epochs" not in state:  # checkpoints written before groups existed: one group
+            state = {**state, "slot": 0, "epochs": [state["epoch"]], "cursors": [state["cursor"]]}
+        if len(state["epochs"]) != len(self.members):
+            raise ValueError(f"the checkpoint's data order has {len(state['epochs'])} groups, this run's data "
+                             f"{len(self.members)}: resume with the same data.datasets and balance_datasets")
+        self.slot, self.epochs, self.cursors = state["slot"], list(state["epochs"]), list(state["cursors"])
+        self._orders = [self._make_order(g) for g in range(len(self.members))]

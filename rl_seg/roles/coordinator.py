@@ -78,7 +78,9 @@ class Coordinator:
         self.pool = pool
         self.train_states = train_states
         self.val_states = val_states
-        self.order = DataOrder(difficulty, cfg.seed, cfg.data.curriculum)
+        datasets = [state_id.split("/", 1)[0] for state_id, _ in train_states]
+        self.order = DataOrder(difficulty, cfg.seed, cfg.data.curriculum,
+                               groups=datasets if cfg.data.balance_datasets else None)
         self.weights, self.normalize = reward_weights(cfg)
         self.incarnations: dict[int, str] = {}
         self.worker_restarts = [0] * len(rollout_workers)
