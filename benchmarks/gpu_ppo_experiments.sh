@@ -12,6 +12,8 @@
 #   EXPERIMENT=full:                temperature 0.25 on (nearly) the warm start's whole training set, datasets
 #                                   drawn equally often: group at two learning rates and without the recall term,
 #                                   pixel with a KL anchor, topology with a light one.
+#   EXPERIMENT=pixels:              as 'full', with LoRA also on the decoder's upsampling convolutions and FiLM
+#                                   (policy.lora.targets=llm+decoder+pixels: per-pixel features can change).
 #   EXPERIMENT=smoke:               the smoke test alone (builds DeepSpeed's ops on a fresh machine).
 # Data: the shipped sample plus $GPU_DATA (default .gpu_ppo/: more DRIVE and ARCADE training and validation
 # images, git-ignored, carried with the call; several folders separated by ':', e.g. one left on the machine by
@@ -25,6 +27,7 @@ set -u
 ITER=${1:-60}; LR=${LR:-1e-3}; GROUP_LR=${GROUP_LR:-3e-4}; SMOKE=${SMOKE:-1}; EXPERIMENT=${EXPERIMENT:-baselines}
 DEADLINE=${DEADLINE:-100000}; T0=$SECONDS; GPU_DATA=${GPU_DATA:-.gpu_ppo}
 LEARNER_CPUS=${LEARNER_CPUS:-1}  # the topology advantage's CPU work runs in this many threads
+LORA_TARGETS=${LORA_TARGETS:-llm+decoder}; [ "$EXPERIMENT" = pixels ] && LORA_TARGETS=llm+decoder+pixels
 source .whl/install.sh
 # DeepSpeed 0.19 cannot parse arch names like "9.0a" when it derives them itself: name the arch.
 export TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())")
@@ -41,7 +44,7 @@ COMMON=(run_dir=$RUNS "data.datasets=[drive,arcade]" data.image_size=null data.i
         learner.num_workers=1 learner.use_gpu=true learner.gpus_per_worker=0.1 learner.micro_batch_images=1
         learner.cpus_per_worker=$LEARNER_CPUS
         ppo.epochs=2 ppo.warmup_steps=4 checkpoint_every=10 val_every=10 ray_num_cpus=16 progress=true
-        "policy.lora={r: 16, alpha: 32, dropout: 0.0, targets: llm+decoder}")
+        "policy.lora={r: 16, alpha: 32, dropout: 0.0, targets: $LORA_TARGETS}")
 # smoke test first: a broken stack costs seconds, not the whole budget
 if [ "$SMOKE" = 1 ]; then
   timeout 300 python3 -m rl_seg.cli train name=smoke iterations=2 "${COMMON[@]}" > "$OUT/smoke.log" 2>&1 \
@@ -80,7 +83,7 @@ case $EXPERIMENT in
     run pixel_t025_kl1 ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=1.0 $COLD &
     run topology_t025_kl1 ppo.advantage=topology ppo.lr=$LR ppo.loss.kl_coef=1.0 $COLD &
     run group_t025 ppo.advantage=group ppo.lr=$GROUP_LR $COLD & ;;
-  full)  # the same images the warm start learnt from (the subsets above were a tenth of ARCADE's)
+  full|pixels)  # the same images the warm start learnt from (the subsets above were a tenth of ARCADE's)
     NAMES="group_t025 group_t025_lr1e-3 group_t025_norecall pixel_t025_kl1 topology_t025_kl0.1"
     COLD=rollout.temperature=0.25
     run group_t025 ppo.advantage=group ppo.lr=$GROUP_LR $COLD &

@@ -110,6 +110,29 @@ def test_llm_plus_decoder_preset_adds_decoder_modules(base_dir):
     assert not any("vision_model" in n for n in names)
 
 
+def test_pixels_preset_adapts_the_upsampling_convolutions(base_dir, batch):
+    x, y = batch
+    model = attach_lora(load_policy(base_dir), LoraSettings(r=4, dropout=0.0, targets="llm+decoder+pixels"))
+    names = lora_module_names(model)
+    decoder = "base_model.model.grounding_decoder"
+    levels = len(DefaultModelConfig.tiny().enc_channels) - 1
+    convs = [f"{decoder}.ups.{i}.{j}" for i in range(levels) for j in (0, 3)]
+    films = [f"{decoder}.films.{i}" for i in range(levels)]
+    assert names == sorted(LLM_TARGETS + DECODER_TARGETS + convs + films)
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[n].base_layer, torch.nn.Conv2d) for n in convs)
+    # LoRA B starts at zero: the adapted model starts as the base; a step on the conv adapters alone changes
+    # the logits pixel by pixel, not by one factor per image as the read-out and FiLM adapters can
+    base = logits_of(load_policy(base_dir).eval(), x)
+    assert (logits_of(model.eval(), x) - base).abs().max() < 1e-5  # (attention kernels differ by grad mode)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".ups." in n and "lora_" in n)
+    train_step(model, x, y, lr=5e-2)
+    changed = logits_of(model, x) - base
+    assert changed.abs().max() > 1e-3
+    assert (changed / base)[0].std() > 1e-3
+
+
 def test_custom_full_path_regex(base_dir):
     regex = r"language_model\.model\.layers\.1\.self_attn\.q_proj"
     model = attach_lora(load_policy(base_dir), LoraSettings(r=2, dropout=0.0, targets=regex))
@@ -118,9 +141,9 @@ def test_custom_full_path_regex(base_dir):
 
 @pytest.mark.parametrize("targets, message", [
     (r"language_model\.(q_proj", "neither a preset of DefaultSegModel .* nor a valid regex"),
-    (r"q_proj", "match no Linear layer"),  # full-path matching: a bare name matches nothing
-    (r"nothing\.here", "match no Linear layer"),
-    (r"vision_model\.stages\.0\.0", "match no Linear layer"),  # a Conv2d, not a Linear
+    (r"q_proj", "match no Linear or Conv2d layer"),  # full-path matching: a bare name matches nothing
+    (r"nothing\.here", "match no Linear or Conv2d layer"),
+    (r"vision_model\.stages\.0\.1", "match no Linear or Conv2d layer"),  # a GroupNorm
 ])
 def test_bad_targets_are_clear_value_errors(base_dir, targets, message):
     with pytest.raises(ValueError, match=message):
@@ -212,7 +235,7 @@ def make_adapter(base_dir, batch, out, targets="llm", base=None):
     return logits_of(model, x)
 
 
-@pytest.mark.parametrize("targets", ["llm", "llm+decoder"])
+@pytest.mark.parametrize("targets", ["llm", "llm+decoder", "llm+decoder+pixels"])
 def test_merge_cli_end_to_end(base_dir, batch, tmp_path, capsys, targets):
     x, _ = batch
     base_weights = load_file(str(base_dir / "model.safetensors"))

@@ -191,6 +191,13 @@ class DefaultSegModel(SegPolicy):
         "llm": r"language_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
         "llm+decoder": r"(language_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
                        r"|grounding_decoder\.blocks\.\d+\.mlp\.(0|2)|grounding_decoder\.hyper\.(0|2))",
+        # 'llm+decoder' can only re-weight the decoder's per-pixel features (per image, through the prompt's FiLM
+        # and the hypernetwork's read-out); this also adapts the convolutions of the upsampling path that compute
+        # them at 1/4 .. full resolution, where thin vessels are told from background (Sa2VA's own recipe trains
+        # SAM2's mask decoder for the same reason).
+        "llm+decoder+pixels": r"(language_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+                              r"|grounding_decoder\.blocks\.\d+\.mlp\.(0|2)|grounding_decoder\.hyper\.(0|2)"
+                              r"|grounding_decoder\.films\.\d+|grounding_decoder\.ups\.\d+\.(0|3))",
     }
 
     def __init__(self, config: DefaultModelConfig | None = None):

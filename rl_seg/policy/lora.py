@@ -25,6 +25,11 @@ __all__ = ["LoraSettings", "attach_lora", "load_adapter", "lora_module_names", "
            "merge_adapter"]
 
 
+#: Layer types a target may name: peft's LoRA has a Linear and a Conv2d form (the convolution's update is a
+#: k x k conv down to r channels followed by a 1 x 1 conv up, so it can change per-pixel features).
+LORA_LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
+
+
 @dataclass
 class LoraSettings:
     r: int = field(default=16, metadata={"help": "LoRA rank (the original plan: 16-32)"})
@@ -49,9 +54,9 @@ def attach_lora(policy: SegPolicy, settings: LoraSettings | None = None) -> Peft
     """Wrap ``policy`` with fresh LoRA adapters; only the adapters are trainable afterwards."""
     settings = settings or LoraSettings()
     regex = settings.target_regex(policy)
-    matched = [n for n, m in policy.named_modules() if re.fullmatch(regex, n) and isinstance(m, torch.nn.Linear)]
+    matched = [n for n, m in policy.named_modules() if re.fullmatch(regex, n) and isinstance(m, LORA_LAYER_TYPES)]
     if not matched:
-        raise ValueError(f"lora targets {regex!r} match no Linear layer of {type(policy).__name__}")
+        raise ValueError(f"lora targets {regex!r} match no Linear or Conv2d layer of {type(policy).__name__}")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=regex, bias="none")
     return get_peft_model(policy, config)
