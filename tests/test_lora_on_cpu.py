@@ -119,6 +119,12 @@ def test_pixels_preset_adapts_the_upsampling_convolutions(base_dir, batch):
     convs = [f"{decoder}.ups.{i}.{j}" for i in range(levels) for j in (0, 3)]
     films = [f"{decoder}.films.{i}" for i in range(levels)]
     assert names == sorted(LLM_TARGETS + DECODER_TARGETS + convs + films)
+    everything = lora_module_names(attach_lora(load_policy(base_dir), LoraSettings(r=4, dropout=0.0, targets="all")))
+    stages = len(DefaultModelConfig.tiny().enc_channels)
+    encoder = [f"base_model.model.vision_model.stages.{i}.{j}" for i in range(stages) for j in (0, 3)]
+    rest = ["base_model.model.mlp1.1", "base_model.model.mlp1.3", "base_model.model.text_hidden_fcs.0",
+            "base_model.model.text_hidden_fcs.2", f"{decoder}.input_proj"]
+    assert everything == sorted(names + encoder + rest)
     modules = dict(model.named_modules())
     assert all(isinstance(modules[n].base_layer, torch.nn.Conv2d) for n in convs)
     # LoRA B starts at zero: the adapted model starts as the base; a step on the conv adapters alone changes
@@ -235,7 +241,7 @@ def make_adapter(base_dir, batch, out, targets="llm", base=None):
     return logits_of(model, x)
 
 
-@pytest.mark.parametrize("targets", ["llm", "llm+decoder", "llm+decoder+pixels"])
+@pytest.mark.parametrize("targets", ["llm", "llm+decoder", "llm+decoder+pixels", "all"])
 def test_merge_cli_end_to_end(base_dir, batch, tmp_path, capsys, targets):
     x, _ = batch
     base_weights = load_file(str(base_dir / "model.safetensors"))
@@ -252,7 +258,11 @@ def test_merge_cli_end_to_end(base_dir, batch, tmp_path, capsys, targets):
     merged_weights = load_file(str(out / "model.safetensors"))
     assert merged_weights.keys() == base_weights.keys()
     changed = [k for k in base_weights if not torch.equal(base_weights[k], merged_weights[k])]
-    assert changed and all("self_attn" in k or "grounding_decoder" in k for k in changed)
+    base = load_policy(base_dir)
+    regex = LoraSettings(targets=targets).target_regex(base)
+    targeted = {n for n, m in base.named_modules()
+                if re.fullmatch(regex, n) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert {k.removesuffix(".weight") for k in changed} == targeted  # each targeted weight, nothing else
     assert all(torch.equal(v, load_file(str(base_dir / "model.safetensors"))[k]) for k, v in base_weights.items())
 
 

@@ -198,6 +198,12 @@ class DefaultSegModel(SegPolicy):
         "llm+decoder+pixels": r"(language_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
                               r"|grounding_decoder\.blocks\.\d+\.mlp\.(0|2)|grounding_decoder\.hyper\.(0|2)"
                               r"|grounding_decoder\.films\.\d+|grounding_decoder\.ups\.\d+\.(0|3))",
+        # Every layer a LoRA update reaches: also the image encoder's convolutions (the full-resolution skip
+        # features), its projection into the language model and the [SEG] projection. Not the decoder's attention
+        # out_proj layers: nn.MultiheadAttention reads their weight directly, so a LoRA there would do nothing.
+        "all": r"(language_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+               r"|vision_model\.stages\.\d+\.(0|3)|mlp1\.(1|3)|text_hidden_fcs\.(0|2)"
+               r"|grounding_decoder\.(input_proj|blocks\.\d+\.mlp\.(0|2)|hyper\.(0|2)|films\.\d+|ups\.\d+\.(0|3)))",
     }
 
     def __init__(self, config: DefaultModelConfig | None = None):
