@@ -40,7 +40,11 @@ class DataConfig:
 @dataclass
 class PolicyConfig:
     name: str = field(default="default", metadata={"help": "policy name or checkpoint folder (load_policy)"})
-    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "the LoRA adapter PPO trains"})
+    # 'all': measured (BENCHMARKS.md, issue 4, third attempt) - adapters that cannot change the per-pixel features
+    # ('llm', 'llm+decoder') only moved the model along its threshold curve. Sa2VA has no 'all': its configs name
+    # their own targets.
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(targets="all"), metadata={
+        "help": "the LoRA adapter PPO trains"})
     init_adapter: str | None = field(default=None, metadata={
         "help": "start the adapter from this PEFT adapter folder (same r and targets as `lora`) instead of zero "
                 "(continuing from another run's adapter; population-based training's exploit step)"})
@@ -52,7 +56,9 @@ class RolloutConfig:
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs per rollout actor (fractions allowed)"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per rollout actor (fractions colocate)"})
     samples_per_image: int = field(default=8, metadata={"help": "K masks sampled per image"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the Bernoulli policy"})
+    temperature: float = field(default=0.25, metadata={
+        "help": "sampling temperature of the Bernoulli policy; 0.25 (measured): pixels the model is sure of stay "
+                "fixed and only those near the threshold are explored, so reward cannot rise by mere de-noising"})
     max_restarts: int = field(default=3, metadata={"help": "times Ray restarts a dead rollout actor"})
 
 
@@ -82,8 +88,11 @@ class PPOConfig:
     advantage: str = field(default="pixel", metadata={"help": f"advantage estimator: {sorted(ADVANTAGES)}"})
     epochs: int = field(default=2, metadata={"help": "PPO epochs over each iteration's samples"})
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per epoch"})
-    loss: PPOLossConfig = field(default_factory=PPOLossConfig, metadata={"help": "clip, KL, entropy, value"})
-    lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
+    # A KL anchor of 1.0 to the adapter-disabled model (measured): without one, entropy collapses and the model's
+    # threshold knob is lost; with it the best runs left the warm start's curve.
+    loss: PPOLossConfig = field(default_factory=lambda: PPOLossConfig(kl_coef=1.0), metadata={
+        "help": "clip, KL, entropy, value"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (1e-4 barely moved LoRA, measured)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=5, metadata={"help": "optimizer steps of linear warm-up, then lr_schedule"})
     lr_schedule: str = field(default="cosine", metadata={
