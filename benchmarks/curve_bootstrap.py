@@ -65,9 +65,9 @@ def main() -> int:
             run = recall_precision(test, probabilities(("default", adapter), test), [0.5])[:, 0]
             boot = np.array([gap(warm, run, rows) for rows in draws])
             lo, hi = np.percentile(boot, [2.5, 97.5])
-            name = f"{data} {adapter.parent.name}"
-            results[name] = {"gap": gap(warm, run, every), "ci95": [lo, hi], "share_above_0.01": float((boot >= 0.01).mean()),
-                             "images": len(test)}
+            name = f"{data} {adapter.parent}"  # the run folder: runs of different calls share names
+            results[name] = {"gap": gap(warm, run, every), "ci95": [lo, hi], "images": len(test),
+                             "share_above_0.01": float((boot >= 0.01).mean())}
             print(f"{name}: precision above the curve {results[name]['gap']:+.4f}, 95% bootstrap interval "
                   f"[{lo:+.4f}, {hi:+.4f}], resamples >= +0.01: {results[name]['share_above_0.01']:.0%}", flush=True)
     if args.out:

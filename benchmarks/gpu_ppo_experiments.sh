@@ -14,40 +14,31 @@
 #                                   pixel with a KL anchor, topology with a light one.
 #   EXPERIMENT=pixels:              as 'full', with LoRA also on the decoder's upsampling convolutions and FiLM
 #                                   (policy.lora.targets=llm+decoder+pixels: per-pixel features can change).
-#   EXPERIMENT=long:                twice the updates of 'full', across two calls (RESUME=1 in the second, on the
-#                                   same warm machine): group without the recall term, pixel with a KL anchor,
-#                                   each with LoRA on llm+decoder and on every layer ('all').
+#   EXPERIMENT=all_layers:          as 'full': group without the recall term and pixel with a KL anchor, each with
+#                                   LoRA on llm+decoder and on every layer ('all'), and pixel with KL 0.1 on 'all'.
 #   EXPERIMENT=smoke:               the smoke test alone (builds DeepSpeed's ops on a fresh machine).
 # Data: the shipped sample plus $GPU_DATA (default .gpu_ppo/: more DRIVE and ARCADE training and validation
 # images, git-ignored, carried with the call; several folders separated by ':', e.g. one left on the machine by
 # an earlier call and one carried now, when together they exceed one transfer), merged into $DATA.
-# RESUME=1 continues the runs (and data) an earlier call of the same EXPERIMENT left on this machine: one call's
-# 10 minutes then need not bound a run's length. Results (adapters, metrics, logs) are packed
-# into $OUT/ppo_results.tar.gz. A run still going at DEADLINE seconds is asked to stop (the status service's stop
+# Results (adapters, metrics, logs) are packed into $OUT/ppo_results.tar.gz. A run still going at DEADLINE seconds is asked to stop (the status service's stop
 # request: it checkpoints after its iteration); its last checkpoint's adapter is packed as final_adapter and the
 # output says so (evaluate such runs knowing they had fewer updates than (c)).
 #   usage on the GPU host:  [EXPERIMENT=topology GPU_DATA=.gpu_ppo LR=1e-3 GROUP_LR=3e-4 SMOKE=1 DEADLINE=500] \
 #                           bash benchmarks/gpu_ppo_experiments.sh ITERATIONS
 set -u
 ITER=${1:-60}; LR=${LR:-1e-3}; GROUP_LR=${GROUP_LR:-3e-4}; SMOKE=${SMOKE:-1}; EXPERIMENT=${EXPERIMENT:-baselines}
-DEADLINE=${DEADLINE:-100000}; T0=$SECONDS; GPU_DATA=${GPU_DATA:-.gpu_ppo}; RESUME=${RESUME:-0}
+DEADLINE=${DEADLINE:-100000}; T0=$SECONDS; GPU_DATA=${GPU_DATA:-.gpu_ppo}
 LEARNER_CPUS=${LEARNER_CPUS:-1}  # the topology advantage's CPU work runs in this many threads
 LORA_TARGETS=${LORA_TARGETS:-llm+decoder}; [ "$EXPERIMENT" = pixels ] && LORA_TARGETS=llm+decoder+pixels
 source .whl/install.sh
 # DeepSpeed 0.19 cannot parse arch names like "9.0a" when it derives them itself: name the arch.
 export TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())")
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token DATA=/tmp/rlseg-data RL_SEG_DATA_DIR=/tmp/rlseg-data
-OUT=${OUT:-/tmp/out}; RUNS=/tmp/rlseg-runs
-if [ "$RESUME" = 1 ]; then
-  [ -d "$RUNS" ] && [ -d "$DATA" ] || { echo "RESUME=1 but no runs or data on this machine (it was given back?)"; exit 3; }
-else
-  rm -rf "$RUNS" "$DATA"; mkdir -p "$RUNS" "$DATA"
-  cp -r data/samples/DRIVE "$DATA/DRIVE"; cp -r data/samples/ARCADE "$DATA/ARCADE_syntax"
-  for extra in ${GPU_DATA//:/ }; do
-    for d in DRIVE ARCADE_syntax; do [ -d "$extra/$d" ] && cp -r --update=none "$extra/$d/." "$DATA/$d/"; done
-  done
-fi
-mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; RUNS=/tmp/rlseg-runs; rm -rf "$RUNS" "$DATA"; mkdir -p "$OUT" "$RUNS" "$DATA"
+cp -r data/samples/DRIVE "$DATA/DRIVE"; cp -r data/samples/ARCADE "$DATA/ARCADE_syntax"
+for extra in ${GPU_DATA//:/ }; do
+  for d in DRIVE ARCADE_syntax; do [ -d "$extra/$d" ] && cp -r --update=none "$extra/$d/." "$DATA/$d/"; done
+done
 echo "training images: DRIVE $(ls "$DATA"/DRIVE/training/images | wc -l) (incl. val), ARCADE $(ls "$DATA"/ARCADE_syntax/images | grep -c ^train_)"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 COMMON=(run_dir=$RUNS "data.datasets=[drive,arcade]" data.image_size=null data.images_per_iteration=8
@@ -57,19 +48,13 @@ COMMON=(run_dir=$RUNS "data.datasets=[drive,arcade]" data.image_size=null data.i
         ppo.epochs=2 ppo.warmup_steps=4 checkpoint_every=10 val_every=10 ray_num_cpus=16 progress=true
         "policy.lora={r: 16, alpha: 32, dropout: 0.0, targets: $LORA_TARGETS}")
 # smoke test first: a broken stack costs seconds, not the whole budget
-if [ "$SMOKE" = 1 ] && [ "$RESUME" = 0 ]; then
+if [ "$SMOKE" = 1 ]; then
   timeout 300 python3 -m rl_seg.cli train name=smoke iterations=2 "${COMMON[@]}" > "$OUT/smoke.log" 2>&1 \
     || { tail -50 "$OUT/smoke.log"; exit 1; }
   grep "\[iter" "$OUT/smoke.log" | tail -2
 fi
 [ "$EXPERIMENT" = smoke ] && exit 0
-run() {
-  name=$1; shift
-  if [ "$RESUME" = 1 ]; then  # the adapter packed at the last deadline is not the run's final one
-    rm -rf "$RUNS/$name/final_adapter"; set -- "$@" resume=true
-  fi
-  python3 -m rl_seg.cli train name=$name iterations=$ITER "${COMMON[@]}" "$@" >> "$RUNS/$name.log" 2>&1
-}
+run() { name=$1; shift; python3 -m rl_seg.cli train name=$name iterations=$ITER "${COMMON[@]}" "$@" > "$RUNS/$name.log" 2>&1; }
 case $EXPERIMENT in
   baselines)
     NAMES="pixel group value recall"
@@ -108,7 +93,7 @@ case $EXPERIMENT in
     run group_t025_norecall ppo.advantage=group ppo.lr=$GROUP_LR $COLD "reward.weights={dice: 0.4, cldice: 0.4, betti0: 0.2}" &
     run pixel_t025_kl1 ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=1.0 $COLD &
     run topology_t025_kl0.1 ppo.advantage=topology ppo.lr=$LR ppo.loss.kl_coef=0.1 $COLD & ;;
-  long)
+  all_layers)
     NAMES="group_t025_norecall pixel_t025_kl1 group_t025_norecall_all pixel_t025_kl1_all pixel_t025_kl0.1_all"
     COLD=rollout.temperature=0.25; NORECALL="reward.weights={dice: 0.4, cldice: 0.4, betti0: 0.2}"
     run group_t025_norecall ppo.advantage=group ppo.lr=$GROUP_LR $COLD "$NORECALL" &
@@ -116,10 +101,10 @@ case $EXPERIMENT in
     run group_t025_norecall_all ppo.advantage=group ppo.lr=$GROUP_LR $COLD "$NORECALL" policy.lora.targets=all &
     run pixel_t025_kl1_all ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=1.0 $COLD policy.lora.targets=all &
     run pixel_t025_kl0.1_all ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=0.1 $COLD policy.lora.targets=all & ;;
-  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized | cold | full | pixels | long | smoke)"; exit 2 ;;
+  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized | cold | full | pixels | all_layers | smoke)"; exit 2 ;;
 esac
 # supervised continuation, same number of optimizer updates as each PPO run (ITER x epochs)
-[ "$RESUME" = 1 ] || python3 -m rl_seg.cli sft out=$RUNS/sft_dice model=rl_seg/assets/default_model bce_weight=0.0 dice_weight=1.0 \
+python3 -m rl_seg.cli sft out=$RUNS/sft_dice model=rl_seg/assets/default_model bce_weight=0.0 dice_weight=1.0 \
   steps=$((ITER * 2)) lr=1e-4 warmup_steps=4 batch_size=8 val_every=$((ITER * 2)) progress=false \
   "data=[drive,arcade]" > "$RUNS/sft_dice.log" 2>&1 &
 sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader

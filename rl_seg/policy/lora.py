@@ -56,7 +56,8 @@ def attach_lora(policy: SegPolicy, settings: LoraSettings | None = None) -> Peft
     regex = settings.target_regex(policy)
     matched = [n for n, m in policy.named_modules() if re.fullmatch(regex, n) and isinstance(m, LORA_LAYER_TYPES)]
     if not matched:
-        raise ValueError(f"lora targets {regex!r} match no Linear or Conv2d layer of {type(policy).__name__}")
+        raise ValueError(f"lora targets {regex!r} match no Linear or Conv2d layer of {type(policy).__name__} "
+                         f"(its presets: {sorted(policy.lora_targets)})")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=regex, bias="none")
     return get_peft_model(policy, config)

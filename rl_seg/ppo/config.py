@@ -40,9 +40,9 @@ class DataConfig:
 @dataclass
 class PolicyConfig:
     name: str = field(default="default", metadata={"help": "policy name or checkpoint folder (load_policy)"})
-    # 'all': measured (BENCHMARKS.md, issue 4, third attempt) - adapters that cannot change the per-pixel features
-    # ('llm', 'llm+decoder') only moved the model along its threshold curve. Sa2VA has no 'all': its configs name
-    # their own targets.
+    # 'all': measured (BENCHMARKS.md, issue 4, third attempt) - with adapters that cannot change the per-pixel
+    # features ('llm+decoder') PPO moved the model along its threshold curve, with 'all' off it. Sa2VA has no
+    # 'all': its configs name their own targets.
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(targets="all"), metadata={
         "help": "the LoRA adapter PPO trains"})
     init_adapter: str | None = field(default=None, metadata={
@@ -88,8 +88,8 @@ class PPOConfig:
     advantage: str = field(default="pixel", metadata={"help": f"advantage estimator: {sorted(ADVANTAGES)}"})
     epochs: int = field(default=2, metadata={"help": "PPO epochs over each iteration's samples"})
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per epoch"})
-    # A KL anchor of 1.0 to the adapter-disabled model (measured): without one, entropy collapses and the model's
-    # threshold knob is lost; with it the best runs left the warm start's curve.
+    # A KL anchor of 1.0 to the adapter-disabled model (measured): without one, at temperature 1, entropy collapsed
+    # and the threshold knob was lost; the best runs (temperature 0.25, LoRA 'all') had KL 0.1 or 1.0.
     loss: PPOLossConfig = field(default_factory=lambda: PPOLossConfig(kl_coef=1.0), metadata={
         "help": "clip, KL, entropy, value"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (1e-4 barely moved LoRA, measured)"})
