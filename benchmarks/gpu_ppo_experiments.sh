@@ -30,6 +30,8 @@ ITER=${1:-60}; LR=${LR:-1e-3}; GROUP_LR=${GROUP_LR:-3e-4}; SMOKE=${SMOKE:-1}; EX
 DEADLINE=${DEADLINE:-100000}; T0=$SECONDS; GPU_DATA=${GPU_DATA:-.gpu_ppo}
 LEARNER_CPUS=${LEARNER_CPUS:-1}  # the topology advantage's CPU work runs in this many threads
 LORA_TARGETS=${LORA_TARGETS:-llm+decoder}; [ "$EXPERIMENT" = pixels ] && LORA_TARGETS=llm+decoder+pixels
+# The experiments before 'full' drew every image equally often (data.balance_datasets did not exist yet).
+BALANCE=true; case $EXPERIMENT in baselines|topology|regularized|cold) BALANCE=false ;; esac
 source .whl/install.sh
 # DeepSpeed 0.19 cannot parse arch names like "9.0a" when it derives them itself: name the arch.
 export TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())")
@@ -46,6 +48,8 @@ COMMON=(run_dir=$RUNS "data.datasets=[drive,arcade]" data.image_size=null data.i
         learner.num_workers=1 learner.use_gpu=true learner.gpus_per_worker=0.1 learner.micro_batch_images=1
         learner.cpus_per_worker=$LEARNER_CPUS
         ppo.epochs=2 ppo.warmup_steps=4 checkpoint_every=10 val_every=10 ray_num_cpus=16 progress=true
+        # the settings every run here was measured with, whatever rl-seg train's defaults are now (runs override)
+        rollout.temperature=1.0 ppo.loss.kl_coef=0.0 data.balance_datasets=$BALANCE
         "policy.lora={r: 16, alpha: 32, dropout: 0.0, targets: $LORA_TARGETS}")
 # smoke test first: a broken stack costs seconds, not the whole budget
 if [ "$SMOKE" = 1 ]; then
