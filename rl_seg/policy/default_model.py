@@ -185,25 +185,32 @@ class MaskDecoder(nn.Module):
         return torch.einsum("bchw,bc->bhw", x, weights) + self.bias
 
 
+def _any_of(*patterns: str) -> str:
+    return "(" + "|".join(patterns) + ")"
+
+
+# LoRA target fragments of the default model (full module paths; each preset below is a union of them).
+_LLM_ATTENTION = r"language_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+_DECODER_READOUT = (r"grounding_decoder\.blocks\.\d+\.mlp\.(0|2)", r"grounding_decoder\.hyper\.(0|2)")
+_DECODER_PIXELS = (r"grounding_decoder\.films\.\d+", r"grounding_decoder\.ups\.\d+\.(0|3)")
+_ENCODER_AND_PROJECTIONS = (r"vision_model\.stages\.\d+\.(0|3)", r"mlp1\.(1|3)", r"text_hidden_fcs\.(0|2)",
+                            r"grounding_decoder\.input_proj")
+
+
 @register_policy("default")
 class DefaultSegModel(SegPolicy):
     lora_targets = {
-        "llm": r"language_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
-        "llm+decoder": r"(language_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-                       r"|grounding_decoder\.blocks\.\d+\.mlp\.(0|2)|grounding_decoder\.hyper\.(0|2))",
+        "llm": _LLM_ATTENTION,
+        "llm+decoder": _any_of(_LLM_ATTENTION, *_DECODER_READOUT),
         # 'llm+decoder' can only re-weight the decoder's per-pixel features (per image, through the prompt's FiLM
         # and the hypernetwork's read-out); this also adapts the convolutions of the upsampling path that compute
         # them at 1/4 .. full resolution, where thin vessels are told from background (Sa2VA's own recipe trains
         # SAM2's mask decoder for the same reason).
-        "llm+decoder+pixels": r"(language_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-                              r"|grounding_decoder\.blocks\.\d+\.mlp\.(0|2)|grounding_decoder\.hyper\.(0|2)"
-                              r"|grounding_decoder\.films\.\d+|grounding_decoder\.ups\.\d+\.(0|3))",
+        "llm+decoder+pixels": _any_of(_LLM_ATTENTION, *_DECODER_READOUT, *_DECODER_PIXELS),
         # Every layer a LoRA update reaches: also the image encoder's convolutions (the full-resolution skip
         # features), its projection into the language model and the [SEG] projection. Not the decoder's attention
         # out_proj layers: nn.MultiheadAttention reads their weight directly, so a LoRA there would do nothing.
-        "all": r"(language_model\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-               r"|vision_model\.stages\.\d+\.(0|3)|mlp1\.(1|3)|text_hidden_fcs\.(0|2)"
-               r"|grounding_decoder\.(input_proj|blocks\.\d+\.mlp\.(0|2)|hyper\.(0|2)|films\.\d+|ups\.\d+\.(0|3)))",
+        "all": _any_of(_LLM_ATTENTION, *_DECODER_READOUT, *_DECODER_PIXELS, *_ENCODER_AND_PROJECTIONS),
     }
 
     def __init__(self, config: DefaultModelConfig | None = None):
