@@ -16,7 +16,12 @@
 #                                   (policy.lora.targets=llm+decoder+pixels: per-pixel features can change).
 #   EXPERIMENT=all_layers:          as 'full': group without the recall term and pixel with a KL anchor, each with
 #                                   LoRA on llm+decoder and on every layer ('all'), and pixel with KL 0.1 on 'all'.
+#   EXPERIMENT=long:                the 'all_layers' recipe for longer (ITERATIONS over several calls, RESUME=1):
+#                                   pixel with KL 1.0 and 0.3, KL 0.3 at lr 3e-3, and KL 0.3 trained on DRIVE alone.
+#                                   No supervised continuation (it does not resume).
 #   EXPERIMENT=smoke:               the smoke test alone (builds DeepSpeed's ops on a fresh machine).
+#   RESUME=1: continue the runs a previous call on the same (still warm) machine left in /tmp/rlseg-runs, each from
+#             its last checkpoint, until they reach ITERATIONS or the DEADLINE stops them again.
 # Data: the shipped sample plus $GPU_DATA (default .gpu_ppo/: more DRIVE and ARCADE training and validation
 # images, git-ignored, carried with the call; several folders separated by ':', e.g. one left on the machine by
 # an earlier call and one carried now, when together they exceed one transfer), merged into $DATA.
@@ -27,7 +32,7 @@
 #                           bash benchmarks/gpu_ppo_experiments.sh ITERATIONS
 set -u
 ITER=${1:-60}; LR=${LR:-1e-3}; GROUP_LR=${GROUP_LR:-3e-4}; SMOKE=${SMOKE:-1}; EXPERIMENT=${EXPERIMENT:-baselines}
-DEADLINE=${DEADLINE:-100000}; T0=$SECONDS; GPU_DATA=${GPU_DATA:-.gpu_ppo}
+DEADLINE=${DEADLINE:-100000}; T0=$SECONDS; GPU_DATA=${GPU_DATA:-.gpu_ppo}; RESUME=${RESUME:-0}
 LEARNER_CPUS=${LEARNER_CPUS:-1}  # the topology advantage's CPU work runs in this many threads
 LORA_TARGETS=${LORA_TARGETS:-llm+decoder}; [ "$EXPERIMENT" = pixels ] && LORA_TARGETS=llm+decoder+pixels
 # The experiments before 'full' drew every image equally often (data.balance_datasets did not exist yet).
@@ -36,7 +41,10 @@ source .whl/install.sh
 # DeepSpeed 0.19 cannot parse arch names like "9.0a" when it derives them itself: name the arch.
 export TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())")
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token DATA=/tmp/rlseg-data RL_SEG_DATA_DIR=/tmp/rlseg-data
-OUT=${OUT:-/tmp/out}; RUNS=/tmp/rlseg-runs; rm -rf "$RUNS" "$DATA"; mkdir -p "$OUT" "$RUNS" "$DATA"
+OUT=${OUT:-/tmp/out}; RUNS=/tmp/rlseg-runs; rm -rf "$DATA"; mkdir -p "$OUT" "$RUNS" "$DATA"
+if [ "$RESUME" = 1 ]; then
+  [ -n "$(ls "$RUNS")" ] || { echo "RESUME=1 but $RUNS is empty: the machine is not the one the runs started on"; exit 3; }
+else rm -rf "$RUNS"/*; fi
 cp -r data/samples/DRIVE "$DATA/DRIVE"; cp -r data/samples/ARCADE "$DATA/ARCADE_syntax"
 for extra in ${GPU_DATA//:/ }; do
   for d in DRIVE ARCADE_syntax; do [ -d "$extra/$d" ] && cp -r --update=none "$extra/$d/." "$DATA/$d/"; done
@@ -58,7 +66,15 @@ if [ "$SMOKE" = 1 ]; then
   grep "\[iter" "$OUT/smoke.log" | tail -2
 fi
 [ "$EXPERIMENT" = smoke ] && exit 0
-run() { name=$1; shift; python3 -m rl_seg.cli train name=$name iterations=$ITER "${COMMON[@]}" "$@" > "$RUNS/$name.log" 2>&1; }
+run() {
+  name=$1; shift
+  if [ "$RESUME" = 1 ]; then
+    # a deadline stop left its last checkpoint's adapter as final_adapter: the resumed run writes its own
+    grep -q '"state": "stopped"' "$RUNS/$name/run_state.json" && rm -rf "$RUNS/$name/final_adapter"
+    set -- "$@" resume=true
+  fi
+  python3 -m rl_seg.cli train name=$name iterations=$ITER "${COMMON[@]}" "$@" >> "$RUNS/$name.log" 2>&1
+}
 case $EXPERIMENT in
   baselines)
     NAMES="pixel group value recall"
@@ -105,10 +121,17 @@ case $EXPERIMENT in
     run group_t025_norecall_all ppo.advantage=group ppo.lr=$GROUP_LR $COLD "$NORECALL" policy.lora.targets=all &
     run pixel_t025_kl1_all ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=1.0 $COLD policy.lora.targets=all &
     run pixel_t025_kl0.1_all ppo.advantage=pixel ppo.lr=$LR ppo.loss.kl_coef=0.1 $COLD policy.lora.targets=all & ;;
-  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized | cold | full | pixels | all_layers | smoke)"; exit 2 ;;
+  long)  # validation Dice of the all_layers runs was still rising at iteration 90
+    NAMES="long_kl1 long_kl0.3 long_kl0.3_lr3e-3 drive_kl0.3"
+    ALL=(ppo.advantage=pixel rollout.temperature=0.25 policy.lora.targets=all)
+    run long_kl1 "${ALL[@]}" ppo.lr=$LR ppo.loss.kl_coef=1.0 &
+    run long_kl0.3 "${ALL[@]}" ppo.lr=$LR ppo.loss.kl_coef=0.3 &
+    run long_kl0.3_lr3e-3 "${ALL[@]}" ppo.lr=3e-3 ppo.loss.kl_coef=0.3 &
+    run drive_kl0.3 "${ALL[@]}" ppo.lr=$LR ppo.loss.kl_coef=0.3 "data.datasets=[drive]" & ;;
+  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized | cold | full | pixels | all_layers | long | smoke)"; exit 2 ;;
 esac
 # supervised continuation, same number of optimizer updates as each PPO run (ITER x epochs)
-python3 -m rl_seg.cli sft out=$RUNS/sft_dice model=rl_seg/assets/default_model bce_weight=0.0 dice_weight=1.0 \
+[ "$EXPERIMENT" != long ] && python3 -m rl_seg.cli sft out=$RUNS/sft_dice model=rl_seg/assets/default_model bce_weight=0.0 dice_weight=1.0 \
   steps=$((ITER * 2)) lr=1e-4 warmup_steps=4 batch_size=8 val_every=$((ITER * 2)) progress=false \
   "data=[drive,arcade]" > "$RUNS/sft_dice.log" 2>&1 &
 sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
@@ -126,6 +149,6 @@ for n in $NAMES; do
     [ -n "$last" ] && cp -r "$last/adapter" "$RUNS/$n/final_adapter" && echo "$n: stopped at the deadline, adapter of $last"
   fi
 done
-tail -2 "$RUNS/sft_dice.log"
+SFT=(); [ -d "$RUNS/sft_dice" ] && { tail -2 "$RUNS/sft_dice.log"; SFT=(sft_dice/best sft_dice/metrics.jsonl); }
 cd "$RUNS" && tar -czf "$OUT/ppo_results.tar.gz" --exclude='ray_train' --exclude='tensorboard' --exclude='checkpoint' \
-  $NAMES sft_dice/best sft_dice/metrics.jsonl ./*.log && ls -la "$OUT"
+  $NAMES "${SFT[@]}" ./*.log && ls -la "$OUT"
