@@ -3,7 +3,7 @@
     python benchmarks/ppo_baselines.py --results DIR [--out benchmarks/results/ppo]
 
 DIR is what ``benchmarks/gpu_ppo_experiments.sh`` packed (run folders pixel/ group/ value/ recall/ with a
-``final_adapter`` each, and ``sft_dice/best``). For DRIVE test and ARCADE test it reports dice, recall,
+``final_adapter`` each, and ``sft_dice/best`` where (c) was run). For DRIVE test and ARCADE test it reports dice, recall,
 precision, clDice and betti0_error at 0.5 for
   (a) the warm start, (b) the warm start at its best validation threshold (chosen on the val split),
   (c) the supervised soft-Dice continuation, (d) PPO with each advantage mode, (e) PPO with a recall-weighted reward,
@@ -40,7 +40,9 @@ RUN_LABELS = {"pixel": "(d) PPO, pixel advantage", "group": "(d) PPO, group adva
 
 
 def policies(results: Path) -> dict[str, tuple[str, Path | None]]:
-    out = {"(a) warm start": ("default", None), "(c) supervised soft-Dice continuation": (str(results / "sft_dice" / "best"), None)}
+    out = {"(a) warm start": ("default", None)}
+    if (results / "sft_dice" / "best").is_dir():  # absent where the runs outlast one call (EXPERIMENT=long)
+        out["(c) supervised soft-Dice continuation"] = (str(results / "sft_dice" / "best"), None)
     runs = [p.parent.name for p in results.glob("*/final_adapter")]
     known = list(RUN_LABELS)
     for name in sorted(runs, key=lambda n: (n not in RUN_LABELS, known.index(n) if n in RUN_LABELS else 0, n)):

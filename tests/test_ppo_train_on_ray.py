@@ -111,17 +111,21 @@ def test_killed_rollout_actor_is_restarted_and_its_work_redone(ray_local, tmp_pa
 
 
 def test_resume_continues_exactly(ray_local, tmp_path, tiny_policy):
-    whole = config(tmp_path, tiny_policy, "whole", "iterations=4", "checkpoint_every=2")
+    # with augmented views: a resumed run must draw the same views too
+    common = ("iterations=4", "checkpoint_every=2", "data.augment=true")
+    whole = config(tmp_path, tiny_policy, "whole", *common)
     run_training(whole)
-    part = config(tmp_path, tiny_policy, "part", "iterations=4", "checkpoint_every=2", "stop_after_iterations=2")
+    part = config(tmp_path, tiny_policy, "part", *common, "stop_after_iterations=2")
     run_training(part)
     assert [r["iteration"] for r in records(part.run_path)] == [1, 2]
     assert not (part.run_path / "final_adapter").exists()
-    resumed = config(tmp_path, tiny_policy, "part", "iterations=4", "checkpoint_every=2", "resume=true")
+    resumed = config(tmp_path, tiny_policy, "part", *common, "resume=true")
     run_training(resumed)
     a, b = records(whole.run_path), records(part.run_path)
     assert [r["iteration"] for r in b] == [1, 2, 3, 4]
     assert [r["batch_ids"] for r in a] == [r["batch_ids"] for r in b]  # same next batch
+    assert [r["batch_views"] for r in a] == [r["batch_views"] for r in b]  # in the same views
+    assert len({v for r in a for v in r["batch_views"]}) > 1
     for x, y in zip(a, b):
         assert x["reward"] == pytest.approx(y["reward"], abs=1e-9)
     wa, wb = lora_weights(whole.run_path / "final_adapter"), lora_weights(part.run_path / "final_adapter")

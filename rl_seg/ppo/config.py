@@ -35,6 +35,10 @@ class DataConfig:
     val_limit: int | None = field(default=None, metadata={"help": "validate on at most N images per dataset"})
     curriculum: bool = field(default=False, metadata={
         "help": "first pass over the data easy images first (lowest thin-vessel fraction), then random"})
+    augment: bool = field(default=False, metadata={
+        "help": "show each drawn image in one of its 8 flips and quarter turns (mask and FOV alike; rollout, "
+                "reward and learner all see the same view; drawn from seed and iteration, so a resumed run "
+                "repeats it), as rl-seg sft does: against over-fitting small sets such as DRIVE's 16 images"})
 
 
 @dataclass

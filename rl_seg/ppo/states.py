@@ -16,7 +16,8 @@ from scipy import ndimage
 
 from ..data import Sample, load_dataset
 
-__all__ = ["State", "load_states", "thin_vessel_fraction", "DataOrder"]
+__all__ = ["State", "load_states", "thin_vessel_fraction", "DataOrder", "VIEWS", "draw_views", "dihedral_view",
+           "undo_dihedral_view"]
 
 
 @dataclass
@@ -47,6 +48,33 @@ def load_states(datasets: Sequence[str], split: str, size: int | None, limit: in
             image, gt, fov = _resize(sample, size)
             states.append(State(f"{dataset.name}/{sample.id}", image, gt, fov))
     return states
+
+
+VIEWS = 8  # the symmetries of the pixel grid: 4 quarter turns, each with or without a mirror
+
+
+def draw_views(seed: int, iteration: int, n: int) -> list[int]:
+    """The views of one iteration's n images: a function of seed and iteration, so a resumed run repeats them."""
+    return [int(v) for v in np.random.default_rng([seed, iteration]).integers(VIEWS, size=n)]
+
+
+def dihedral_view(array: np.ndarray, view: int, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """``view % 4`` quarter turns in the plane of ``axes``, then a mirror when ``view >= 4``.
+
+    Exact on the pixel grid (no interpolation): masks stay binary and pixel counts (Dice, recall, precision)
+    are those of the original. Skeletons are not exactly turned with the image (thinning runs in raster order),
+    so masks are scored after ``undo_dihedral_view``, in the orientation their targets are held in.
+    """
+    out = np.rot90(array, view % 4, axes=axes)
+    if view >= 4:
+        out = np.flip(out, axis=axes[1])
+    return np.ascontiguousarray(out)
+
+
+def undo_dihedral_view(array: np.ndarray, view: int, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """The inverse of ``dihedral_view``: back to the image's own orientation."""
+    out = np.flip(array, axis=axes[1]) if view >= 4 else array
+    return np.ascontiguousarray(np.rot90(out, -(view % 4), axes=axes))
 
 
 def thin_vessel_fraction(mask: np.ndarray, max_width: float = 2.0) -> float:

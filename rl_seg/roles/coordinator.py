@@ -22,7 +22,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 from rewards.metrics import MaskPair, Target
 
 from ..ppo.config import TrainConfig
-from ..ppo.states import DataOrder
+from ..ppo.states import DataOrder, dihedral_view, draw_views, undo_dihedral_view
 
 __all__ = ["Coordinator", "RolloutBatch", "reward_weights", "LOGGED_COMPONENTS"]
 
@@ -164,6 +164,16 @@ class Coordinator:
         t0 = time.perf_counter()
         picks = self.order.next_batch(cfg.data.images_per_iteration)
         ids = [self.train_states[i][0] for i in picks]
+        states = [ray.get(self.train_states[i][1][0]) for i in picks]
+        boxes = [self.train_states[i] for i in picks]
+        views = [0] * len(picks)
+        if cfg.data.augment:
+            # Rollout and learner see the image in its drawn view; the reward pool holds each target by id in the
+            # image's own orientation, so masks are turned back before scoring (the rewards are invariant to it).
+            views = draw_views(cfg.seed, iteration, len(picks))
+            states = [tuple(None if a is None else dihedral_view(a, v) for a in state)
+                      for state, v in zip(states, views)]
+            boxes = [(state_id, [ray.put(state)]) for state_id, state in zip(ids, states)]
         n = len(self.workers)
         # One request per image, spread over the actors: replies stream back image by image and a scoring
         # thread sends whatever has arrived to the reward pool in one call (several images at once when they
@@ -172,7 +182,7 @@ class Coordinator:
         requests = {}
         for pos, i in enumerate(picks):
             seed = cfg.seed * 1_000_003 + iteration * 10_007 + int(i)
-            requests[pos] = (pos % n, "sample", (version, weights_box, [self.train_states[i]], k,
+            requests[pos] = (pos % n, "sample", (version, weights_box, [boxes[pos]], k,
                                                  cfg.rollout.temperature, [seed]))
         arrived: queue.SimpleQueue = queue.SimpleQueue()
         actions: dict[int, np.ndarray] = {}
@@ -185,7 +195,8 @@ class Coordinator:
                     batch.append(arrived.get())
                 if None in batch:  # the rollout failed: nothing more will arrive
                     return scored
-                outcomes = self.pool.score([(ids[pos], m) for pos in batch for m in actions[pos]])
+                outcomes = self.pool.score([(ids[pos], undo_dihedral_view(m, views[pos]) if views[pos] else m)
+                                            for pos in batch for m in actions[pos]])
                 for n_, pos in enumerate(batch):
                     scored[pos] = outcomes[n_ * k:(n_ + 1) * k]
             return scored
@@ -203,7 +214,7 @@ class Coordinator:
             arrived.put(None)
             raise
         t_rollout = time.perf_counter() - t0
-        samples = {reply["samples"][0]["id"]: reply["samples"][0] for reply in replies.values()}
+        samples = {pos: reply["samples"][0] for pos, reply in replies.items()}  # by position: ids can repeat
         t1 = time.perf_counter()
         scored = scoring.result()
         outcomes = [o for pos in range(len(picks)) for o in scored[pos]]
@@ -226,7 +237,6 @@ class Coordinator:
         self.counters["reward_failures"] += failed
         self.counters["masks"] += len(ids) * k
 
-        states = [ray.get(self.train_states[i][1][0]) for i in picks]
         lags = [version - r["version"] for r in replies.values()]
         valid_frac = []
         for (_, gt, fov), acts in zip(states, actions):
@@ -247,11 +257,13 @@ class Coordinator:
             **{f"weight/{c}": w for c, w in self.weights.items()},
             **self.counters,
         }
+        if cfg.data.augment:
+            stats["batch_views"] = views
         stats["collapsed"] = bool(stats["empty_mask_fraction"] > 0.5 or stats["full_mask_fraction"] > 0.5)
         if stats["collapsed"]:
             log.warning("iteration %d: masks collapsed (empty %.0f%%, near-full %.0f%%)", iteration,
                         100 * stats["empty_mask_fraction"], 100 * stats["full_mask_fraction"])
-        packed = [(samples[i]["bits"], tuple(samples[i]["shape"])) for i in ids]
+        packed = [(samples[pos]["bits"], tuple(samples[pos]["shape"])) for pos in range(len(picks))]
         return RolloutBatch(ids=ids, images=[s[0] for s in states], gts=[s[1] for s in states],
                             fovs=[s[2] for s in states], actions=packed, rewards=rewards, components=components,
                             ok=oks, weights=dict(self.weights), version=version, stats=stats)
