@@ -38,7 +38,8 @@ class DataConfig:
     augment: bool = field(default=False, metadata={
         "help": "show each drawn image in one of its 8 flips and quarter turns (mask and FOV alike; rollout, "
                 "reward and learner all see the same view; drawn from seed and iteration, so a resumed run "
-                "repeats it), as rl-seg sft does: against over-fitting small sets such as DRIVE's 16 images"})
+                "repeats it), as rl-seg sft does. Off by default (measured, BENCHMARKS.md issue 4, fourth attempt): "
+                "it kept PPO on DRIVE alone from over-fitting its 16 images, but cost ARCADE a third of its gain"})
 
 
 @dataclass
