@@ -134,6 +134,45 @@ def test_resume_continues_exactly(ray_local, tmp_path, tiny_policy):
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
 
 
+def test_augmented_masks_are_scored_against_their_own_view(ray_local, tmp_path, tiny_policy):
+    """The reward pool holds each target in the image's own orientation: a mask sampled on a turned image must be
+    turned back before scoring. Dice is the same in every view, so the pool's Dice of each sample must equal the
+    Dice of the batch's (turned) mask against the batch's (turned) target, which is what the learner credits."""
+    import ray
+
+    from rewards.metrics import compute_metrics
+    from rewards.pool import RewardPool
+    from rl_seg.policy import load_policy
+    from rl_seg.policy.lora import attach_lora
+    from rl_seg.ppo.states import load_states
+    from rl_seg.roles.coordinator import Coordinator
+    from rl_seg.roles.rollout import RolloutWorker, adapter_state
+    from rl_seg.train import pool_reward
+
+    cfg = config(tmp_path, tiny_policy, "views", "data.augment=true", "data.image_size=40", "rollout.num_workers=1",
+                 "reward.num_actors=1", "rollout.temperature=2.0")
+    train = load_states(cfg.data.datasets, "train", cfg.data.image_size)
+    worker = RolloutWorker.options(num_cpus=0.25).remote(cfg.policy.name, cfg.policy.lora)
+    pool = RewardPool(pool_reward(cfg), num_actors=1, num_cpus_per_actor=0.25)
+    try:
+        pool.add_targets({s.id: (s.gt, s.fov) for s in train})
+        states = [(s.id, [ray.put((s.image, s.gt, s.fov))]) for s in train]
+        coordinator = Coordinator(cfg, [worker], pool, states, [], [0.0] * len(train))
+        weights = [ray.put(adapter_state(attach_lora(load_policy(cfg.policy.name), cfg.policy.lora))), "w:0"]
+        checked = set()
+        for iteration in range(3):
+            batch = coordinator.rollout(iteration, 0, weights)
+            checked |= set(batch.stats["batch_views"]) - {0}
+            for j in range(len(batch.ids)):
+                masks = batch.unpack_actions(j)
+                for m, pooled in zip(masks, batch.components[j]["dice"]):
+                    assert pooled == pytest.approx(compute_metrics(m, batch.gts[j], batch.fovs[j])["dice"], abs=1e-9)
+        assert len(checked) >= 3  # turned views, not only the identity, were checked
+    finally:
+        ray.kill(worker)
+        pool.shutdown()
+
+
 def test_resume_without_checkpoint_and_rerun_are_clear_errors(ray_local, tmp_path, tiny_policy):
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         run_training(config(tmp_path, tiny_policy, "nothing", "resume=true"))

@@ -169,7 +169,8 @@ class Coordinator:
         views = [0] * len(picks)
         if cfg.data.augment:
             # Rollout and learner see the image in its drawn view; the reward pool holds each target by id in the
-            # image's own orientation, so masks are turned back before scoring (the rewards are invariant to it).
+            # image's own orientation, so masks are turned back before scoring (skeleton-based terms such as clDice
+            # are not exactly invariant to the turn; pixel counts are, so the learner's credit can use the view).
             views = draw_views(cfg.seed, iteration, len(picks))
             states = [tuple(None if a is None else dihedral_view(a, v) for a in state)
                       for state, v in zip(states, views)]
