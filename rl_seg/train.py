@@ -20,7 +20,7 @@ from rewards.pool import RewardPool
 
 from .config import save_config, to_dict
 from .ppo.config import TrainConfig
-from .ppo.states import load_states, thin_vessel_fraction
+from .ppo.states import State, load_states, thin_vessel_fraction
 from .ray_env import init_ray
 from .run_files import HEALTH, STOP_REQUEST, read_json, stop_requested, update_run_state
 from .roles.coordinator import LOGGED_COMPONENTS, reward_weights
@@ -28,7 +28,7 @@ from .roles.learner import latest_checkpoint
 from .roles.placement import RolloutPlacement
 from .roles.rollout import RolloutWorker
 
-__all__ = ["run_training", "latest_checkpoint", "pool_reward"]
+__all__ = ["run_training", "latest_checkpoint", "pool_reward", "put_states"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,12 @@ def pool_reward(cfg: TrainConfig) -> CompositeReward:
     weights, normalize = reward_weights(cfg)
     extra = set(LOGGED_COMPONENTS) | ({"recall"} if cfg.reward.adaptive_recall.enabled else set())
     return CompositeReward({**{c: 0.0 for c in extra}, **weights}, normalize=normalize, name=cfg.reward.preset)
+
+
+def put_states(states: list[State]) -> list[tuple[str, list]]:
+    """``(id, [ref to (image, gt, fov)])`` per state, as the coordinator and rollout actors take them. Refs are
+    wrapped in lists so that Ray hands them on unresolved: each actor fetches only what it uses."""
+    return [(s.id, [ray.put((s.image, s.gt, s.fov))]) for s in states]
 
 
 def run_training(cfg: TrainConfig, callbacks: list | None = None, objective: dict | None = None) -> dict:
@@ -81,9 +87,7 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
     train = load_states(cfg.data.datasets, cfg.data.train_split, cfg.data.image_size, cfg.data.train_limit)
     val = load_states(cfg.data.datasets, cfg.data.val_split, cfg.data.image_size, cfg.data.val_limit)
     log.info("%d training and %d validation images", len(train), len(val))
-    # Refs are wrapped in lists so that Ray hands them on unresolved: each actor fetches only what it uses.
-    train_states = [(s.id, [ray.put((s.image, s.gt, s.fov))]) for s in train]
-    val_states = [(s.id, [ray.put((s.image, s.gt, s.fov))]) for s in val]
+    train_states, val_states = put_states(train), put_states(val)
 
     placement = RolloutPlacement(cfg)
     # Whatever fails below, the actors, the reward pool and the reserved GPUs go back to the cluster.

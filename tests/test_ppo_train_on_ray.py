@@ -147,7 +147,7 @@ def test_augmented_masks_are_scored_against_their_own_view(ray_local, tmp_path, 
     from rl_seg.ppo.states import load_states
     from rl_seg.roles.coordinator import Coordinator
     from rl_seg.roles.rollout import RolloutWorker, adapter_state
-    from rl_seg.train import pool_reward
+    from rl_seg.train import pool_reward, put_states
 
     cfg = config(tmp_path, tiny_policy, "views", "data.augment=true", "data.image_size=40", "rollout.num_workers=1",
                  "reward.num_actors=1", "rollout.temperature=2.0")
@@ -156,8 +156,7 @@ def test_augmented_masks_are_scored_against_their_own_view(ray_local, tmp_path, 
     pool = RewardPool(pool_reward(cfg), num_actors=1, num_cpus_per_actor=0.25)
     try:
         pool.add_targets({s.id: (s.gt, s.fov) for s in train})
-        states = [(s.id, [ray.put((s.image, s.gt, s.fov))]) for s in train]
-        coordinator = Coordinator(cfg, [worker], pool, states, [], [0.0] * len(train))
+        coordinator = Coordinator(cfg, [worker], pool, put_states(train), [], [0.0] * len(train))
         weights = [ray.put(adapter_state(attach_lora(load_policy(cfg.policy.name), cfg.policy.lora))), "w:0"]
         checked = set()
         for iteration in range(3):

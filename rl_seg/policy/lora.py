@@ -49,13 +49,17 @@ class LoraSettings:
                              f"({sorted(policy.lora_targets)}) nor a valid regex: {exc}") from None
         return self.targets
 
+    def target_modules(self, policy: SegPolicy) -> list[str]:
+        """The names of the layers of ``policy`` these settings put an adapter on."""
+        regex = self.target_regex(policy)
+        return [n for n, m in policy.named_modules() if re.fullmatch(regex, n) and isinstance(m, LORA_LAYER_TYPES)]
+
 
 def attach_lora(policy: SegPolicy, settings: LoraSettings | None = None) -> PeftModel:
     """Wrap ``policy`` with fresh LoRA adapters; only the adapters are trainable afterwards."""
     settings = settings or LoraSettings()
     regex = settings.target_regex(policy)
-    matched = [n for n, m in policy.named_modules() if re.fullmatch(regex, n) and isinstance(m, LORA_LAYER_TYPES)]
-    if not matched:
+    if not settings.target_modules(policy):
         raise ValueError(f"lora targets {regex!r} match no Linear or Conv2d layer of {type(policy).__name__} "
                          f"(its presets: {sorted(policy.lora_targets)})")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
