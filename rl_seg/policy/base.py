@@ -162,6 +162,7 @@ def _policy_class(path: Path) -> type[SegPolicy]:
         for cls in POLICIES.values():
             if cls.recognizes(config):
                 return cls
-        raise ValueError(f"{config_file}: architectures {config.get('architectures')} is no policy rl-seg knows "
-                         f"(Sa2VA: Sa2VAChatModel, Sa2VAChatModelQwen)")
+        raise ValueError(f"{path}: not a policy checkpoint (no rl_seg_policy.json, and {config_file.name}'s "
+                         f"architectures {config.get('architectures')} is none rl-seg loads: Sa2VAChatModel, "
+                         f"Sa2VAChatModelQwen)")
     raise ValueError(f"{path}: not a policy checkpoint (no rl_seg_policy.json and no config.json)")

@@ -281,8 +281,12 @@ def _collective_device() -> torch.device:
 
 
 def _non_finite_gradients(engine) -> str | None:
-    """The first trainable parameter whose gradient holds a NaN or inf (ZeRO-partitioned ones gathered)."""
+    """The first trainable parameter whose gradient holds a NaN or inf (ZeRO-partitioned ones gathered). Only at a
+    gradient-accumulation boundary: ZeRO reduces gradients there, and the step that would apply them follows."""
     from deepspeed.utils import safe_get_full_grad
+
+    if not engine.is_gradient_accumulation_boundary():
+        return None
 
     grads = [(name, safe_get_full_grad(p)) for name, p in engine.module.named_parameters() if p.requires_grad]
     grads = [(name, g) for name, g in grads if g is not None]

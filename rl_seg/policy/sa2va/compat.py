@@ -96,41 +96,52 @@ def check_versions(llm_architecture: str | None = None) -> None:
 
 
 def check_remote_code_imports(path: Path) -> None:
-    """Fail before loading, with the fix, when a package the checkpoint's .py files import cannot be imported.
+    """Fail before loading, naming the package, the file and the fix, when the checkpoint's .py files import a
+    package that is missing or does not import here.
 
-    The case that matters: PyPI's torchvision wheels are CUDA builds; with a CPU build of torch, ``import torchvision``
-    raises "operator torchvision::nms does not exist" deep inside the remote code (and timm imports torchvision).
+    Module-level imports only (upstream guards optional ones - flash_attn, apex - with try/except). The case that
+    matters most: PyPI's torchvision wheels are CUDA builds; with a CPU build of torch, ``import torchvision`` raises
+    "operator torchvision::nms does not exist" deep inside the remote code (and timm imports torchvision).
     """
     import ast
+    import importlib.util
 
-    wanted = set()
+    wanted: dict[str, str] = {}
     for src in sorted(Path(path).glob("*.py")):
         try:
             tree = ast.parse(src.read_text())
         except (SyntaxError, UnicodeDecodeError) as exc:
             raise RemoteCodeError(f"{src}: not readable Python ({exc})") from exc
-        # Module-level imports only: optional ones (flash_attn, apex) sit inside try blocks upstream.
         for node in tree.body:
-            names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
-            wanted.update(n.split(".")[0] for n in names if n.split(".")[0] in REMOTE_CODE_IMPORTS)
+            else:
+                continue
+            for name in names:
+                wanted.setdefault(name.split(".")[0], src.name)
     problems = []
-    for name in sorted(wanted):
+    for name, src in sorted(wanted.items()):
+        if name in sys.stdlib_module_names:
+            continue
+        if importlib.util.find_spec(name) is None:
+            problems.append(f"{name} (imported by {src}) is not installed")
+            continue
+        if name not in REMOTE_CODE_IMPORTS:
+            continue  # installed; importing it here would only cost time (torch, transformers, numpy, ...)
         try:
             importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - any import failure is the user's environment, reported below
-            detail = f"{type(exc).__name__}: {exc}"
-            if name in ("torchvision", "timm") and "does not exist" in str(exc):
-                detail += (f" (torch {torch.__version__} and torchvision do not match: PyPI's torchvision is a CUDA "
-                           f"build; with a CPU torch install torchvision from https://download.pytorch.org/whl/cpu)")
-            problems.append(f"{name}: {detail}")
+        except Exception as exc:  # noqa: BLE001 - any import failure is the environment's, reported below
+            detail = f"{name} (imported by {src}) fails to import: {type(exc).__name__}: {exc}"
+            if "does not exist" in str(exc):
+                detail += (f" - torch {torch.__version__} and torchvision do not match (PyPI's torchvision is a "
+                           f"CUDA build; with a CPU torch install torchvision from https://download.pytorch.org/whl/cpu)")
+            problems.append(detail)
     if problems:
-        raise RemoteCodeError(f"{path}: the checkpoint's remote code imports packages that do not import here - "
-                              + "; ".join(problems) + ". Install them with: pip install -c constraints.txt -e '.[sa2va]'"
-                              " (make sa2va)")
+        raise RemoteCodeError(f"{path}: the checkpoint's remote code cannot run here: " + "; ".join(problems)
+                              + ". Install what Sa2VA's remote code needs with: make sa2va "
+                              "(pip install -c constraints.txt -e '.[sa2va]')")
 
 
 # --- the repairs ---------------------------------------------------------------------------------------------
@@ -306,8 +317,10 @@ def _remote_classes(model_cls: type) -> list[type]:
     return out
 
 
-def load_remote_model(path: str | Path, dtype: torch.dtype | None = None, **load_kwargs):
-    """``AutoModel.from_pretrained(path, trust_remote_code=True)`` with the repairs above where needed.
+def load_remote_model(path: str | Path, dtype: torch.dtype | None = None, skip: tuple[str, ...] = (),
+                      **load_kwargs):
+    """``AutoModel.from_pretrained(path, trust_remote_code=True)`` with the repairs above where needed (``skip``
+    names repairs to leave out: the tests show each one is needed).
 
     Returns ``(model, config, applied)``: ``applied`` names the repairs that changed something.
     """
@@ -316,37 +329,44 @@ def load_remote_model(path: str | Path, dtype: torch.dtype | None = None, **load
 
     path = Path(path)
     applied: list[str] = []
+    unknown = set(skip) - {r.name for r in REPAIRS}
+    if unknown:
+        raise ValueError(f"unknown repairs {sorted(unknown)}; known: {[r.name for r in REPAIRS]}")
     repairing = needs_repair()
-    with quiet_remote_code(), (attn_mask_utils_shim() if repairing else contextlib.nullcontext()):
+
+    def wanted(name: str) -> bool:
+        return repairing and name not in skip
+
+    shim = attn_mask_utils_shim() if wanted("attn_mask_utils_shim") else contextlib.nullcontext()
+    with quiet_remote_code(), shim:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
         auto_map = getattr(config, "auto_map", None) or {}
         reference = auto_map.get("AutoModel") or auto_map.get("AutoModelForCausalLM")
         if not reference:
             raise RemoteCodeError(f"{path / 'config.json'}: auto_map names no AutoModel class")
         model_cls = get_class_from_dynamic_module(reference, str(path))
-        if repairing:
-            if "post_init" not in _init_source(model_cls):
-                post_init_on_construction(model_cls)
-                applied.append("post_init_on_construction")
-            classes = _remote_classes(model_cls)
-            listed = [c for c in classes if issubclass(c, PreTrainedModel)
+        if wanted("post_init_on_construction") and "post_init" not in _init_source(model_cls):
+            post_init_on_construction(model_cls)
+            applied.append("post_init_on_construction")
+        if wanted("tied_weights_as_dict"):
+            listed = [c for c in _remote_classes(model_cls) if issubclass(c, PreTrainedModel)
                       and isinstance(c.__dict__.get("_tied_weights_keys"), (list, tuple))]
             if listed:
                 tied_weights_as_dict(listed)
                 applied.append("tied_weights_as_dict")
-            llm_config = getattr(config, "llm_config", None)
-            if llm_config is not None and type(llm_config).__module__.startswith("transformers_modules"):
-                legacy_rope_scaling(llm_config)
-                applied.append("legacy_rope_scaling")
-            if sys.modules.get("transformers.modeling_attn_mask_utils") is not None and \
-                    getattr(sys.modules["transformers.modeling_attn_mask_utils"], "_prepare_4d_causal_attention_mask",
-                            None) is _phi3_mask_stand_in:
-                applied.append("attn_mask_utils_shim")
+        llm_config = getattr(config, "llm_config", None)
+        if wanted("legacy_rope_scaling") and llm_config is not None and \
+                type(llm_config).__module__.startswith("transformers_modules"):
+            legacy_rope_scaling(llm_config)
+            applied.append("legacy_rope_scaling")
+        stand_in = sys.modules.get("transformers.modeling_attn_mask_utils")
+        if getattr(stand_in, "_prepare_4d_causal_attention_mask", None) is _phi3_mask_stand_in:
+            applied.append("attn_mask_utils_shim")
         kwargs = dict(load_kwargs)
         if dtype is not None:
             kwargs["dtype"] = dtype
         model = model_cls.from_pretrained(str(path), config=config, **kwargs)
-        if repairing:
+        if wanted("non_persistent_buffers"):
             def build():
                 previous = torch.get_default_dtype()
                 torch.set_default_dtype(dtype if dtype is not None and dtype.is_floating_point else previous)

@@ -184,7 +184,11 @@ class Sa2VABase(SegPolicy):
 
     @classmethod
     def recognizes(cls, config: dict) -> bool:
-        return any(a in cls.architectures for a in (config.get("architectures") or []))
+        """By the class ``auto_map`` loads (a Qwen2.5-VL release's top-level ``architectures`` names transformers'
+        own Qwen2.5-VL class, its wrapper only in ``auto_map`` and ``text_config``), else by ``architectures``."""
+        auto_map = config.get("auto_map") or {}
+        names = {str(auto_map[k]).rsplit(".", 1)[-1] for k in ("AutoModel", "AutoModelForCausalLM") if k in auto_map}
+        return bool((names or set(config.get("architectures") or [])) & set(cls.architectures))
 
     # --- loading and saving ---------------------------------------------------------------------------------
     @classmethod
@@ -334,8 +338,11 @@ class Sa2VABase(SegPolicy):
 
 
 def _llm_architecture(config: dict) -> str | None:
-    for key in ("llm_config", "text_config"):
-        archs = (config.get(key) or {}).get("architectures") or []
-        if archs:
-            return archs[0]
-    return (config.get("architectures") or [None])[0]
+    """The transformers class the checkpoint's language side needs (for the version check)."""
+    text_type = str((config.get("text_config") or {}).get("model_type") or "")
+    if text_type.startswith("qwen3_vl"):
+        return "Qwen3VLForConditionalGeneration"
+    if text_type.startswith("qwen2_5_vl"):
+        return "Qwen2_5_VLForConditionalGeneration"
+    archs = (config.get("llm_config") or {}).get("architectures") or []
+    return archs[0] if archs else None

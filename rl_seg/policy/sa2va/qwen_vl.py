@@ -11,6 +11,7 @@ projection). The number of image tokens depends on the image size, so rows of a 
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -51,20 +52,27 @@ class Sa2VAQwenPolicy(Sa2VABase):
         if self.seg_token_id is None or (unk is not None and self.seg_token_id == unk):
             raise ValueError("the tokenizer lacks Sa2VA's [SEG] token: not a Sa2VA checkpoint")
         model.seg_token_idx = self.seg_token_id
+        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.min_pixels = int(getattr(model, "min_pixels", MIN_PIXELS))
         self.max_pixels = int(getattr(model, "max_pixels", MAX_PIXELS))
 
     @classmethod
-    def build(cls, model: torch.nn.Module, path: Path, max_tiles: int = 1, **options) -> "Sa2VAQwenPolicy":
+    def build(cls, model: torch.nn.Module, path: Path, max_tiles: int = 1, processor=None,
+              **options) -> "Sa2VAQwenPolicy":
+        """``processor``: the checkpoint's own (``AutoProcessor``) unless one is given (tests on machines without
+        torchvision build it from the PIL image processor: transformers' Qwen-VL processors need a video processor,
+        which needs torchvision)."""
         from transformers import AutoProcessor
+
+        from . import compat
 
         if max_tiles != 1:
             raise ValueError("policy.max_tiles applies to the InternVL family; Qwen-VL checkpoints size images "
                              "with their processor's min/max pixels")
-        from . import compat
-
-        with compat.quiet_remote_code():
-            processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
+        if processor is None:
+            with compat.quiet_remote_code():
+                processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
         return cls(model, processor, source_dir=path, **options)
 
     def save_text_side(self, path: Path) -> None:
@@ -102,8 +110,14 @@ class Sa2VAQwenPolicy(Sa2VABase):
     # --- forward ----------------------------------------------------------------------------------------------
     def seg_hidden_states(self, inputs: Sa2VAInputs, prompts: Sequence[str]) -> torch.Tensor:
         ids, attn = self._prompt_ids(inputs, prompts)
-        out = self.model.model.model(input_ids=ids, attention_mask=attn, pixel_values=inputs.vision,
-                                     image_grid_thw=inputs.grid_thw, use_cache=False, return_dict=True)
+        vl_model = self.model.model.model  # wrapper -> ...ForConditionalGeneration -> the VL model (no LM head)
+        extra = {}
+        if "mm_token_type_ids" in inspect.signature(vl_model.forward).parameters:
+            # transformers 5 computes the 3-D (M-RoPE) positions only when told which tokens are image tokens;
+            # without it every token gets a 1-D position and the [SEG] state is not the checkpoint's
+            extra["mm_token_type_ids"] = (ids == self.image_token_id).int()
+        out = vl_model(input_ids=ids, attention_mask=attn, pixel_values=inputs.vision,
+                       image_grid_thw=inputs.grid_thw, use_cache=False, return_dict=True, **extra)
         hidden = out.last_hidden_state
         seg = ids == self.seg_token_id
         if int(seg.sum()) != len(inputs):
@@ -114,7 +128,7 @@ class Sa2VAQwenPolicy(Sa2VABase):
         """Token ids for these prompts with each image's token count (from its patch grid)."""
         merge = int(getattr(self.processor.image_processor, "merge_size", 2))
         counts = [int(t * h * w) // (merge * merge) for t, h, w in inputs.grid_thw.tolist()]
-        pad_token = getattr(self.processor, "image_token", "<|image_pad|>")
+        pad_token = self.image_token
         texts = []
         for prompt, n in zip(prompts, counts):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
