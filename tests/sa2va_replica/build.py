@@ -291,7 +291,7 @@ def _default_dtype(dtype: torch.dtype):
 
 def build_model(config: dict, dtype: torch.dtype = torch.float32, device=None):
     """The replica ``Sa2VAChatModel`` for a released-format config dict, built in ``dtype`` on ``device``
-    ("meta" for shapes only: parameters on meta, everything else computed and then dropped)."""
+    ("meta" for shapes only: parameters on the meta device, buffers computed for real)."""
     config_mod = remote_module("configuration_sa2va_chat")
     model_mod = remote_module("modeling_sa2va_chat")
     with contextlib.redirect_stdout(None):  # the public config class prints on construction
@@ -299,7 +299,7 @@ def build_model(config: dict, dtype: torch.dtype = torch.float32, device=None):
     if str(device) == "meta":
         from accelerate import init_empty_weights
 
-        place = init_empty_weights(include_buffers=True)
+        place = init_empty_weights(include_buffers=False)
     else:
         place = torch.device(device or "cpu")
     with place, _default_dtype(dtype), contextlib.redirect_stdout(None):
