@@ -27,12 +27,14 @@ import importlib
 import importlib.machinery
 import importlib.util
 import json
-import shutil
 import sys
 import uuid
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
+
+from .build import _sharpen_mask_heads
 
 REPLICA_DIR = Path(__file__).resolve().parent
 REMOTE_CODE_QWEN = REPLICA_DIR / "remote_code_qwen"
@@ -162,6 +164,22 @@ SHAPES = {
             tie=False), 8_767_123_696),
     },
 }
+
+
+def expected_parameters(family: str, shape: str, sam2_parameters: int = SAM2_HIERA_L_PARAMETERS) -> dict:
+    """Parameter counts a real ``shape`` must have, from the published count of its base Qwen-VL model: the
+    embedding (and the lm_head, untied by the conversion) resized to the tokenizer, plus text_hidden_fcs and SAM2."""
+    _check(family, shape)
+    base, published = SHAPES[family][shape]
+    text = base.get("text_config", base)
+    width, base_vocab = text["hidden_size"], text["vocab_size"]
+    vocab = QWEN_BASE_VOCAB + len(added_tokens(family))
+    tied = base.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    lm_head = vocab * width if tied else (vocab - base_vocab) * width
+    qwen = published + (vocab - base_vocab) * width + lm_head
+    fcs = width * width + width + width * 256 + 256  # Linear(h, h), Linear(h, SAM2 width 256)
+    return {"vocab": vocab, "model": qwen, "text_hidden_fcs": fcs, "grounding_encoder": sam2_parameters,
+            "total": qwen + fcs + sam2_parameters}
 
 
 def _check(family: str, shape: str) -> None:
@@ -406,30 +424,15 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def _steer_random_weights(model) -> None:
-    """A trained Sa2VA's SAM2 decoder says "object present" and gives confident logits; random weights do neither
-    (masks would be all -1024 half the time and |logit| < 0.5 otherwise)."""
-    decoder = model.grounding_encoder.sam2_model.sam_mask_decoder
-    with torch.no_grad():
-        head = decoder.pred_obj_score_head
-        last = head.layers[-1] if hasattr(head, "layers") else head
-        last.bias.fill_(8.0)
-        for mlp in decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(15.0)
-            mlp.layers[-1].bias.mul_(15.0)
-
-
 def build_qwen_replica(path: str | Path, family: str = "qwen2_5_vl", shape: str = "tiny", seed: int = 0,
                        dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                       forced_answer: str | None = FORCED_ANSWER, sam2_size: str | None = "auto",
-                       sam2_source: str | Path | None = None) -> Path:
+                       forced_answer: str | None = FORCED_ANSWER, sam2_size: str | None = "auto") -> Path:
     """Write a Sa2VA-Qwen checkpoint folder to ``path`` (created) and return it.
 
     ``dtype`` defaults to float32 for ``tiny`` and bfloat16 (the released dtype) for real shapes; ``device`` is where
     the model is built (real shapes: the GPU). ``sam2_size``: "auto" = "tiny" for the tiny shape and upstream's
-    ``SAM2()`` otherwise; None = upstream's ``SAM2()`` (no ``replica_sam2_size`` key); a name = that size.
-    ``sam2_source`` ships another sam2.py (e.g. upstream's, for the checker). ``forced_answer`` (None: off) steers
-    predict_forward's greedy decoding to a ``[SEG]`` answer.
+    Hiera-L otherwise; None = no ``replica_sam2_size`` key (Hiera-L, as released); a name = that size.
+    ``forced_answer`` (None: off) steers predict_forward's greedy decoding to a ``[SEG]`` answer.
     """
     _check(family, shape)
     path = Path(path)
@@ -442,8 +445,6 @@ def build_qwen_replica(path: str | Path, family: str = "qwen2_5_vl", shape: str 
     token_ids = write_tokenizer(path, family, real_ids=not tiny)
     write_processor(path, family)
     write_remote_code(path, family)
-    if sam2_source is not None:
-        shutil.copyfile(sam2_source, path / "sam2.py")
     modeling = import_remote_code(path)
 
     extras = {}
@@ -458,28 +459,10 @@ def build_qwen_replica(path: str | Path, family: str = "qwen2_5_vl", shape: str 
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
         model = modeling.Sa2VAChatModelQwen(config)
-    if tiny:
-        _steer_random_weights(model)
+    _sharpen_mask_heads(model)
     model.to(dtype)
-    save_weights(model, path)
+    # keys as 4.57's save_pretrained wrote them: the module paths (model.model.language_model.*, model.model.visual.*,
+    # model.lm_head.weight); 5.x's save_pretrained would rename them to the legacy model.model.layers.* / model.visual.*
+    save_torch_state_dict(model.state_dict(), path, max_shard_size="5GB", metadata={"format": "pt"})
     _write_json(path / "config.json", released)
     return path
-
-
-def save_weights(model, path: Path, max_shard_size: str = "5GB") -> None:
-    """Safetensors as transformers 4.57's ``save_pretrained`` wrote them for this wrapper: keys are the module paths
-    (``model.model.language_model.*``, ``model.model.visual.*``, ``model.lm_head.weight``), 5 GB shards with an index
-    beyond that. (5.x's ``save_pretrained`` renames them to the legacy ``model.model.layers.*`` / ``model.visual.*``,
-    which 4.57 would then not find.)"""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: state[n] for n in names}, str(path / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        _write_json(path / "model.safetensors.index.json",
-                    {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                     "weight_map": dict(sorted(split.tensor_to_filename.items()))})

@@ -23,7 +23,8 @@ Same module/attribute names, checkpoint keys, call flow and numerics as the publ
 
 Documented deviations (replica only, both read from config.json and absent from released checkpoints):
 
-- ``config.replica_sam2_size``: absent = upstream's ``SAM2()`` (Hiera-L); otherwise ``SAM2(size=...)``.
+- ``SAM2(size=getattr(config, "replica_sam2_size", "hiera_l"))``: upstream hard-codes ``SAM2()`` (Hiera-L); the
+  replica's SAM2 takes a size, "tiny" for the CPU tests (absent = upstream's).
 - ``config.replica_forced_answer``: random weights never say ``[SEG]``, so when set, ``predict_forward`` hands
   ``generate`` a logits processor that forces this answer followed by the end-of-turn token; everything else
   (hidden states, KV cache, decoding) is generate's own path.
@@ -97,8 +98,7 @@ class Sa2VAChatModelQwen(PreTrainedModel):
         self.model = model if model is not None else Qwen2_5_VLForConditionalGeneration(config)
 
         llm_width = config.text_config.hidden_size
-        sam2_size = getattr(config, "replica_sam2_size", None)
-        self.grounding_encoder = SAM2() if sam2_size is None else SAM2(size=sam2_size)
+        self.grounding_encoder = SAM2(size=getattr(config, "replica_sam2_size", "hiera_l"))
         prompt_width = self.grounding_encoder.hidden_dim
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(llm_width, llm_width), nn.ReLU(inplace=True),
