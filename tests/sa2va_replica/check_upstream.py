@@ -453,6 +453,10 @@ def _add_tokens(tokenizer, folder: Path):
 
 
 def _compare_tokenizers(report: Report, hf: Path, folder: Path):
+    """InternLM2's tokenizers on the folder's tokenizer.model: upstream's and the replica's slow class (with the
+    folder's added tokens), and what AutoTokenizer makes of the folder with each side's files."""
+    from transformers import AutoTokenizer
+
     up, rep = _pair(hf, "tokenization_internlm2")
     toks = [_add_tokens(_tokenizer(folder, m), folder) for m in (up, rep)]
     texts = ["<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nPlease segment the vessel.<|im_end|>\n"
@@ -461,11 +465,26 @@ def _compare_tokenizers(report: Report, hf: Path, folder: Path):
     report.expect(ids[0] == ids[1], f"tokenizer ids differ: {ids[0]} vs {ids[1]}")
     decoded = [[t.decode(i, skip_special_tokens=False) for i in ids[0]] for t in toks]
     report.expect(decoded[0] == decoded[1], f"tokenizer decode differs: {decoded}")
-    report.number("tokenizer/ids of the chat prompt (upstream == replica)", ids[0][0][:16])
+    report.number("tokenizer/slow ids of the chat prompt (upstream == replica)", ids[0][0][:16])
     upf, repf = _pair(hf, "tokenization_internlm2_fast")
     _same_failure(report, "InternLM2TokenizerFast from the slow tokenizer",
                   lambda: upf.InternLM2TokenizerFast(vocab_file=str(folder / "tokenizer.model")).encode(texts[0]),
                   lambda: repf.InternLM2TokenizerFast(vocab_file=str(folder / "tokenizer.model")).encode(texts[0]))
+    auto = []
+    for side, files in (("upstream", hf / "models"), ("replica", None)):
+        path = folder.with_name(f"tok_{side}_{folder.parent.name.strip('_')[-8:]}")
+        shutil.copytree(folder, path, dirs_exist_ok=True)
+        for src in (files.glob("tokenization_*.py") if files else ()):
+            shutil.copy2(src, path / src.name)
+        with contextlib.redirect_stdout(None), quiet():
+            auto.append(AutoTokenizer.from_pretrained(str(path), trust_remote_code=True, use_fast=False))
+    names = [type(t).__name__ for t in auto]
+    report.number("tokenizer/AutoTokenizer(use_fast=False) class (upstream, replica)", names)
+    report.expect(names[0] == names[1], f"AutoTokenizer classes differ {names}")
+    auto_ids = [[t.encode(x) for x in texts] for t in auto]
+    report.expect(auto_ids[0] == auto_ids[1], f"AutoTokenizer ids differ: {auto_ids}")
+    report.number("tokenizer/AutoTokenizer ids equal to the slow tokenizer's (per text)",
+                  [a == b for a, b in zip(auto_ids[1], ids[1])])
     return toks[0]
 
 
@@ -554,6 +573,15 @@ def _compare_predict_forward(report, tag, real, replica, tokenizer, family, forc
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 700, 3), dtype=np.uint8))
     answer = replica.config.replica_forced_answer
+    for m in (real, replica):  # the default torch_dtype (bfloat16) on a float32 model: pixels and weights disagree
+        m.preparing_for_generation(tokenizer, max_new_tokens=16)
+
+    def default_dtype(model):
+        with sam2_cuda_on_cpu(model), torch.no_grad(), quiet():
+            model.predict_forward(image=image, text=PROMPT, tokenizer=tokenizer)
+
+    _same_failure(report, f"{tag}/predict_forward, default torch_dtype on a float32 model",
+                  lambda: default_dtype(real), lambda: default_dtype(replica), True)
     for m in (real, replica):
         m.preparing_for_generation(tokenizer, max_new_tokens=16, torch_dtype=torch.float32)
     forced = tokenizer.encode(answer + real.template.get("SUFFIX", ""), add_special_tokens=False)
@@ -570,8 +598,9 @@ def _compare_predict_forward(report, tag, real, replica, tokenizer, family, forc
             model.language_model.__dict__.pop("generate", None)
 
     got = _same_failure(report, f"{tag}/predict_forward", lambda: run(real), lambda: run(replica))
-    if got[0] != "ok" and "generation_config" in got[0]:
-        # transformers 5: InternLM2ForCausalLM does not inherit GenerationMixin directly, so no generation_config
+    if got[0] != "ok" and getattr(real.language_model, "generation_config", None) is None:
+        # InternLM2ForCausalLM inherits GenerationMixin only through InternLM2PreTrainedModel, which transformers
+        # >= 4.50 does not count (can_generate() is False): no generation_config, so generate() fails
         for m in (real, replica):
             m.language_model.generation_config = GenerationConfig.from_model_config(m.language_model.config)
         got = _same_failure(report, f"{tag}/predict_forward with a generation_config set", lambda: run(real),
@@ -594,7 +623,7 @@ def _loading(report: Report, hf: Path, family: str, folder: Path, work: Path):
     """What a user gets from AutoModel.from_pretrained(folder, trust_remote_code=True) with upstream's code and
     with the replica's, step by step as each failure is worked around."""
     import transformers
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     from sa2va_replica.build import _attn_mask_utils_stand_in
@@ -602,7 +631,8 @@ def _loading(report: Report, hf: Path, family: str, folder: Path, work: Path):
 
     folders = {}
     for side in ("upstream", "replica"):
-        target = work / f"{side}_{family}"
+        # transformers caches remote code by folder name (~/.cache/huggingface/modules): unique names per run
+        target = work / f"{side}_{family}_{work.name.strip('_')[-8:]}"
         shutil.copytree(folder, target, dirs_exist_ok=True)
         if side == "upstream":
             for src in (hf / "models").glob("*.py"):
@@ -612,12 +642,14 @@ def _loading(report: Report, hf: Path, family: str, folder: Path, work: Path):
     def load(side, post_init=False, config_edit=None):
         path = folders[side]
         if config_edit:
-            path = work / f"{side}_{family}_{config_edit[0]}"
+            path = folders[side].with_name(f"{folders[side].name}_{config_edit[0]}")
             shutil.copytree(folders[side], path, dirs_exist_ok=True)
             cfg = json.loads((path / "config.json").read_text())
             config_edit[1](cfg)
             (path / "config.json").write_text(json.dumps(cfg))
         with contextlib.redirect_stdout(None), quiet():
+            # the config's code first, as from_pretrained does (4.x caches a folder's files as they are imported)
+            AutoConfig.from_pretrained(str(path), trust_remote_code=True)
             cls = get_class_from_dynamic_module("modeling_sa2va_chat.Sa2VAChatModel", str(path))
             module = sys.modules[cls.__module__]
             if side == "upstream":  # upstream's SAM2 classes at the replica's tiny widths (see check_sam2)
@@ -646,14 +678,16 @@ def _loading(report: Report, hf: Path, family: str, folder: Path, work: Path):
             def no_rope_scaling(cfg):
                 cfg["llm_config"]["rope_scaling"] = None
 
-            _same_failure(report, f"{family}/from_pretrained, rope_scaling null, post_init called",
-                          lambda: load("upstream", True, ("norope", no_rope_scaling)),
-                          lambda: load("replica", True, ("norope", no_rope_scaling)), major >= 5)
-        got = _same_failure(report, f"{family}/from_pretrained, post_init called", lambda: load("upstream", True),
-                            lambda: load("replica", True))
+            _same_failure(report, f"{family}/from_pretrained, rope_scaling null" + (
+                ", post_init called" if major >= 5 else ""),
+                lambda: load("upstream", major >= 5, ("norope", no_rope_scaling)),
+                lambda: load("replica", major >= 5, ("norope", no_rope_scaling)), major >= 5)
+        fix = major >= 5  # transformers 5 needs post_init (4.x loads the folder as it is)
+        got = _same_failure(report, f"{family}/from_pretrained" + (", post_init called" if fix else ""),
+                            lambda: load("upstream", fix), lambda: load("replica", fix))
         if got[0] != "ok":
             return
-        models = {side: load(side, True) for side in ("upstream", "replica")}
+        models = {side: load(side, fix) for side in ("upstream", "replica")}
     ids = torch.arange(3, 40).unsqueeze(0)
     for side, model in models.items():
         with torch.no_grad(), quiet():
