@@ -232,16 +232,14 @@ def test_predict_forward_reads_seg_where_a_teacher_forced_pass_does(models, proc
 # ----------------------------------------------------------------------------------------------- real shapes
 @pytest.mark.parametrize("family,shape", [(f, s) for f in FAMILIES for s in bq.SHAPES[f] if s != "tiny"])
 def test_real_shape_parameter_counts(tmp_path, family, shape):
-    from accelerate import init_empty_weights
-
     bq.write_remote_code(tmp_path, family)
     modeling = bq.import_remote_code(tmp_path)
     expected = bq.expected_parameters(family, shape)
     ids = {t: bq.QWEN_BASE_VOCAB + i for i, (t, _) in enumerate(bq.added_tokens(family))}
     config = bq.released_config(family, bq.base_config(family, shape, ids), expected["vocab"], torch.bfloat16, {})
-    with init_empty_weights(include_buffers=False):
-        model = modeling.Sa2VAChatModelQwen(modeling.Sa2VAChatConfigQwen.from_dict(config))
+    model = bq.build_model(modeling, config, torch.bfloat16, device="meta")
     for part in ("model", "text_hidden_fcs", "grounding_encoder"):
         assert sum(p.numel() for p in getattr(model, part).parameters()) == expected[part], part
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # released weights are bf16 throughout
     if shape in PUBLISHED_RELEASE_BILLIONS:
         assert round(expected["total"] / 1e9) == PUBLISHED_RELEASE_BILLIONS[shape]

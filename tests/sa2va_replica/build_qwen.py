@@ -6,8 +6,8 @@ The folder is what upstream's ``tools/convert_to_hf.py`` leaves (bytedance/Sa2VA
   ``template`` "qwen_chat", ``auto_map`` to the remote code, ``tie_word_embeddings`` false and the text vocabulary
   resized to the tokenizer (base + Sa2VA's 5 tokens). It is written in transformers 4.57's layout (upstream's pin,
   the version that wrote the released folders); see :func:`released_config`.
-- ``model*.safetensors`` from ``Sa2VAChatModelQwen.save_pretrained`` (no generation_config.json: the wrapper cannot
-  generate itself);
+- ``model*.safetensors`` keyed as 4.57's ``Sa2VAChatModelQwen.save_pretrained`` keys them, by module path (no
+  generation_config.json: the wrapper cannot generate itself);
 - the processor as transformers 4.57 saves it: ``preprocessor_config.json``, ``video_preprocessor_config.json``,
   ``chat_template.jinja`` and the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ``vocab.json``,
   ``merges.txt``, ``added_tokens.json``, ``special_tokens_map.json``);
@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import save_torch_state_dict
 
-from .build import _sharpen_mask_heads
+from .build import DEFAULT_ANSWER as FORCED_ANSWER
+from .build import _default_dtype, _sharpen_mask_heads
 
 REPLICA_DIR = Path(__file__).resolve().parent
 REMOTE_CODE_QWEN = REPLICA_DIR / "remote_code_qwen"
@@ -76,11 +77,7 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_sa2va_qwen.Sa2VAChatModelQwen",
 }
 
-#: The answer a trained Sa2VA gives to a segmentation request; the replica steers greedy decoding to it.
-FORCED_ANSWER = "Sure, [SEG]."
-
-#: Parameters of upstream's hard-coded SAM2 (Hiera-L) wrapper, counted on the real code (it cannot be built on the
-#: meta device: its drop-path schedule calls ``.item()``).
+#: Parameters of upstream's hard-coded SAM2 (Hiera-L) wrapper, counted on the real code.
 SAM2_HIERA_L_PARAMETERS = 224_430_130
 
 # --------------------------------------------------------------------------------------------------- base shapes
@@ -424,6 +421,22 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def build_model(modeling, config: dict, dtype: torch.dtype, device=None):
+    """The wrapper of the ``modeling`` module for a released config dict, made in ``dtype`` on ``device``
+    ("meta": shapes only). Built from the config as AutoModel.from_pretrained builds it; the language model follows
+    ``text_config.dtype`` (bfloat16 in the released layout) whatever the default dtype, hence the final cast."""
+    config = modeling.Sa2VAChatConfigQwen.from_dict(json.loads(json.dumps(config)))
+    if str(device) == "meta":
+        from accelerate import init_empty_weights
+
+        place = init_empty_weights(include_buffers=False)
+    else:
+        place = torch.device(device or "cpu")
+    with place, _default_dtype(dtype):
+        model = modeling.Sa2VAChatModelQwen(config)
+    return model.to(dtype)
+
+
 def build_qwen_replica(path: str | Path, family: str = "qwen2_5_vl", shape: str = "tiny", seed: int = 0,
                        dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                        forced_answer: str | None = FORCED_ANSWER, sam2_size: str | None = "auto") -> Path:
@@ -454,13 +467,9 @@ def build_qwen_replica(path: str | Path, family: str = "qwen2_5_vl", shape: str 
         extras["replica_sam2_size"] = sam2_size
     released = released_config(family, base_config(family, shape, token_ids), max(token_ids.values()) + 1, dtype,
                                extras)
-    # built from the released config exactly as AutoModel.from_pretrained builds it
-    config = modeling.Sa2VAChatConfigQwen.from_dict(released)
     torch.manual_seed(seed)
-    with torch.device(device or "cpu"):
-        model = modeling.Sa2VAChatModelQwen(config)
+    model = build_model(modeling, released, dtype, device)
     _sharpen_mask_heads(model)
-    model.to(dtype)
     # keys as 4.57's save_pretrained wrote them: the module paths (model.model.language_model.*, model.model.visual.*,
     # model.lm_head.weight); 5.x's save_pretrained would rename them to the legacy model.model.layers.* / model.visual.*
     save_torch_state_dict(model.state_dict(), path, max_shard_size="5GB", metadata={"format": "pt"})
