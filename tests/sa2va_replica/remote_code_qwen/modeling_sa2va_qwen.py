@@ -30,6 +30,8 @@ Documented deviations (replica only, both read from config.json and absent from 
   (hidden states, KV cache, decoding) is generate's own path.
 """
 
+# upstream's imports in upstream's order, so that a missing or broken package (torchvision, qwen_vl_utils) or a
+# transformers without these classes fails here as it fails there
 import torch
 from torch import nn
 from transformers import (  # noqa: F401  (upstream imports all four)
