@@ -837,23 +837,19 @@ def _qwen_load(path: Path, side: str, post_init: bool):
         return AutoModel.from_pretrained(str(path), trust_remote_code=True, dtype=torch.float32)
 
 
-def _qwen_structure(report: Report, tag: str, classes: dict, config_dict: dict, meta: bool):
-    """Both wrappers built from one released config (seeded alike): state-dict keys and shapes; parameter counts."""
-    models = []
-    for cls in classes.values():
-        with contextlib.redirect_stdout(None), quiet():
-            config = cls.config_class.from_dict(json.loads(json.dumps(config_dict)))
-        if meta:
-            from accelerate import init_empty_weights
+def _qwen_structure(report: Report, tag: str, modules: dict, config_dict: dict, meta: bool):
+    """Both wrappers (``modules``: side -> modeling module) built from one released config, seeded alike: state-dict
+    keys and shapes; parameter counts per part."""
+    from sa2va_replica.build_qwen import build_model
 
-            place = init_empty_weights(include_buffers=False)
-        else:
-            place = contextlib.nullcontext()
+    models = []
+    for module in modules.values():
         torch.manual_seed(0)
-        with place, contextlib.redirect_stdout(None), quiet():
-            models.append(cls(config))
+        with contextlib.redirect_stdout(None), quiet():
+            models.append(build_model(module, config_dict, torch.bfloat16 if meta else torch.float32,
+                                      "meta" if meta else None))
     _compare_structure(report, tag, *models)
-    for name, model in zip(classes, models):
+    for name, model in zip(modules, models):
         counts = {part: sum(p.numel() for p in getattr(model, part).parameters())
                   for part in ("model", "text_hidden_fcs", "grounding_encoder")}
         report.number(f"{tag}/{name} parameters", dict(counts, total=sum(counts.values())))
@@ -870,16 +866,16 @@ def _qwen_real_shapes(report: Report, hf: Path, work: Path, quick: bool):
         replica_code.mkdir(exist_ok=True)
         bq.write_remote_code(replica_code, family)
         with contextlib.redirect_stdout(None), quiet():
-            classes = {"upstream": bq.import_remote_code(hf / QWEN_FOLDERS[family]).Sa2VAChatModelQwen,
-                       "replica": bq.import_remote_code(replica_code).Sa2VAChatModelQwen}
+            modules = {"upstream": bq.import_remote_code(hf / QWEN_FOLDERS[family]),
+                       "replica": bq.import_remote_code(replica_code)}
         shapes = [s for s in bq.SHAPES[family] if s != "tiny"]
         for shape in shapes[:1] if quick else shapes:
             expected = bq.expected_parameters(family, shape)
             ids = {t: bq.QWEN_BASE_VOCAB + i for i, (t, _) in enumerate(bq.added_tokens(family))}
             config = bq.released_config(family, bq.base_config(family, shape, ids), expected["vocab"],
                                         torch.bfloat16, {})
-            models = _qwen_structure(report, f"{family}/{shape}", classes, config, meta=True)
-            for side, model in zip(classes, models):
+            models = _qwen_structure(report, f"{family}/{shape}", modules, config, meta=True)
+            for side, model in zip(modules, models):
                 for part in ("model", "text_hidden_fcs", "grounding_encoder"):
                     got = sum(p.numel() for p in getattr(model, part).parameters())
                     report.expect(got == expected[part], f"{family}/{shape}/{side}: {part} has {got} parameters, "
@@ -1149,9 +1145,9 @@ def check_qwen(upstream: str | Path, quick: bool = False) -> Report:
                               f"{family}: upstream's {name} is not models/{name}")
             folder = bq.build_qwen_replica(work / f"replica_{family}", family=family)
             _qwen_convert_layout(report, hf, family, folder, work)
-            classes = {"upstream": _qwen_class(_qwen_folders(hf, family, folder, work)["upstream"], "upstream"),
-                       "replica": _qwen_class(folder, "replica")}
-            _qwen_structure(report, f"{family}/tiny", classes, json.loads((folder / "config.json").read_text()),
+            modules = {side: sys.modules[_qwen_class(path, side).__module__]
+                       for side, path in _qwen_folders(hf, family, folder, work).items()}
+            _qwen_structure(report, f"{family}/tiny", modules, json.loads((folder / "config.json").read_text()),
                             meta=False)
             _qwen_run(report, hf, family, folder, work)
             report.number(f"{family}/seconds", round(time.time() - start, 1))
