@@ -1,6 +1,6 @@
-"""A small structural replica of a Hugging Face Sa2VA checkpoint, built by the tests (real weights cannot be
-downloaded here). See :func:`sa2va_replica.build.build_replica`."""
+"""Sa2VA checkpoint folders built from a replica of the public remote code (random weights; real checkpoints
+cannot be downloaded here). See :func:`sa2va_replica.build.build_replica`."""
 
-from .build import REMOTE_CODE, build_replica
+from .build import REMOTE_CODE, SHAPES, build_replica
 
-__all__ = ["REMOTE_CODE", "build_replica"]
+__all__ = ["REMOTE_CODE", "SHAPES", "build_replica"]
