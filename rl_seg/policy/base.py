@@ -40,6 +40,8 @@ class SegPolicy(nn.Module, ABC):
     lora_targets: ClassVar[dict[str, str]] = {}
     #: The preset ``policy.lora.targets=default`` means for this policy.
     default_lora_preset: ClassVar[str] = "llm"
+    #: Keyword options ``load_policy`` may pass to ``from_pretrained`` / ``load_default``.
+    load_options: ClassVar[frozenset[str]] = frozenset({"device", "trust_remote_code"})
 
     @abstractmethod
     def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str] | None = None) -> PolicyOutput:
@@ -132,10 +134,11 @@ def load_policy(name_or_path: str | Path, check: bool = True, **kwargs) -> SegPo
             raise FileNotFoundError(f"policy {key!r} is neither a registered name ({sorted(POLICIES)}) nor a folder")
         cls = _policy_class(path)
     options = {k: v for k, v in kwargs.items() if v is not None}
-    try:
-        policy = cls.load_default(**options) if path is None else cls.from_pretrained(path, **options)
-    except TypeError as exc:  # an option this policy does not take
-        raise ValueError(f"policy {key!r} ({cls.__name__}) does not take the options {sorted(options)}: {exc}") from exc
+    unknown = sorted(set(options) - cls.load_options)
+    if unknown:
+        raise ValueError(f"policy {key!r} ({cls.__name__}) has no option {', '.join(unknown)} "
+                         f"(its options: {', '.join(sorted(cls.load_options))})")
+    policy = cls.load_default(**options) if path is None else cls.from_pretrained(path, **options)
     if check:
         from ..guards import check_policy
 

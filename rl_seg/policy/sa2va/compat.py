@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import logging
 import sys
 import types
@@ -95,34 +96,61 @@ def check_versions(llm_architecture: str | None = None) -> None:
                               f"{installed}: {fix}")
 
 
-def check_remote_code_imports(path: Path) -> None:
-    """Fail before loading, naming the package, the file and the fix, when the checkpoint's .py files import a
-    package that is missing or does not import here.
+def _entry_modules(path: Path) -> set[str]:
+    """The remote-code modules ``auto_map`` points at (config.json and tokenizer_config.json)."""
+    entries = set()
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        try:
+            auto_map = json.loads((path / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError):
+            continue
+        for ref in auto_map.values():
+            for r in (ref if isinstance(ref, (list, tuple)) else [ref]):
+                if isinstance(r, str) and "." in r:
+                    entries.add(r.split("--")[-1].rsplit(".", 1)[0])
+    return entries
 
-    Module-level imports only (upstream guards optional ones - flash_attn, apex - with try/except). The case that
-    matters most: PyPI's torchvision wheels are CUDA builds; with a CPU build of torch, ``import torchvision`` raises
-    "operator torchvision::nms does not exist" deep inside the remote code (and timm imports torchvision).
-    """
+
+def _required_imports(path: Path) -> dict[str, str]:
+    """Top-level packages the remote code needs, with the file that imports each: module-level imports of the
+    auto_map modules and of the sibling modules they import, followed; imports inside ``try`` (upstream's optional
+    flash_attn, apex) are not requirements."""
     import ast
-    import importlib.util
 
-    wanted: dict[str, str] = {}
-    for src in sorted(Path(path).glob("*.py")):
+    needed: dict[str, str] = {}
+    todo, seen = sorted(_entry_modules(path)), set()
+    while todo:
+        module = todo.pop()
+        src = path / f"{module}.py"
+        if module in seen or not src.is_file():
+            continue
+        seen.add(module)
         try:
             tree = ast.parse(src.read_text())
         except (SyntaxError, UnicodeDecodeError) as exc:
             raise RemoteCodeError(f"{src}: not readable Python ({exc})") from exc
         for node in tree.body:
             if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
+                for alias in node.names:
+                    needed.setdefault(alias.name.split(".")[0], src.name)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                wanted.setdefault(name.split(".")[0], src.name)
+                needed.setdefault(node.module.split(".")[0], src.name)
+            elif isinstance(node, ast.ImportFrom) and node.level == 1:
+                todo.extend([node.module] if node.module else [a.name for a in node.names])
+    return needed
+
+
+def check_remote_code_imports(path: Path) -> None:
+    """Fail before loading, naming the package, the file and the fix, when the checkpoint's remote code needs a
+    package that is missing or does not import here.
+
+    The case that matters most: PyPI's torchvision wheels are CUDA builds; with a CPU build of torch, ``import
+    torchvision`` raises "operator torchvision::nms does not exist" deep inside the remote code (timm imports it).
+    """
+    import importlib.util
+
     problems = []
-    for name, src in sorted(wanted.items()):
+    for name, src in sorted(_required_imports(Path(path)).items()):
         if name in sys.stdlib_module_names:
             continue
         if importlib.util.find_spec(name) is None:

@@ -161,6 +161,7 @@ class Sa2VABase(SegPolicy):
     architectures: ClassVar[tuple[str, ...]] = ()
     #: The LoRA preset ``policy.lora.targets=default`` resolves to.
     default_lora_preset: ClassVar[str] = "llm"
+    load_options = SegPolicy.load_options | {"dtype", "action_resolution", "skip_repairs"}
 
     def __init__(self, model: torch.nn.Module, source_dir: str | Path | None = None, answer: str = DEFAULT_ANSWER,
                  action_resolution: str = "image"):
@@ -194,7 +195,8 @@ class Sa2VABase(SegPolicy):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, trust_remote_code: bool = False,
-                        action_resolution: str = "image", **options) -> "Sa2VABase":
+                        action_resolution: str = "image", skip_repairs: tuple[str, ...] = (),
+                        **options) -> "Sa2VABase":
         """Load a Hugging Face Sa2VA checkpoint folder with its own remote code (repaired for transformers 5 where
         needed, see ``compat``), refusing what cannot work before any weight is read."""
         path = Path(path)
@@ -212,7 +214,7 @@ class Sa2VABase(SegPolicy):
         compat.check_remote_code_imports(path)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        model, _, _ = compat.load_remote_model(path, dtype=dtype)
+        model, _, _ = compat.load_remote_model(path, dtype=dtype, skip=tuple(skip_repairs))
         policy = cls.build(model, path, action_resolution=action_resolution, **options)
         if device is not None:
             policy.to(device)

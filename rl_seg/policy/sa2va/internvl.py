@@ -135,6 +135,7 @@ class Sa2VAPolicy(Sa2VABase):
     """An InternVL-based Sa2VA checkpoint and its tokenizer."""
 
     architectures = ("Sa2VAChatModel",)
+    load_options = Sa2VABase.load_options | {"max_tiles"}
 
     def __init__(self, model: torch.nn.Module, tokenizer, source_dir: str | Path | None = None,
                  answer: str = DEFAULT_ANSWER, action_resolution: str = "image", max_tiles: int = 1):

@@ -40,6 +40,7 @@ class Sa2VAQwenPolicy(Sa2VABase):
     """A Qwen-VL based Sa2VA checkpoint and its processor."""
 
     architectures = ("Sa2VAChatModelQwen",)
+    load_options = Sa2VABase.load_options | {"processor", "max_tiles"}
     lora_targets = QWEN_VL_LORA_PRESETS
 
     def __init__(self, model: torch.nn.Module, processor, source_dir: str | Path | None = None,
