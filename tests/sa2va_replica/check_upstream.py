@@ -689,9 +689,9 @@ def _loading(report: Report, hf: Path, family: str, folder: Path, work: Path):
         wrong = _wrong_rotary_tables(model)
         if wrong is not None:
             report.number(f"{family}/{side} after from_pretrained: rotary inv_freq tables not as computed", wrong)
-    finite = [bool(torch.isfinite(m.language_model(input_ids=ids, use_cache=False).logits).all())
-              for m in models.values()]
-    report.expect(finite[0] == finite[1], f"{family}: finite logits after loading differ {finite}")
+    # whether the garbage tables give NaN varies from run to run (uninitialised memory); that they are wrong does not
+    wrong = [_wrong_rotary_tables(m) for m in models.values()]
+    report.expect(wrong[0] == wrong[1], f"{family}: rotary tables after loading differ {wrong}")
     save = {side: (lambda m=m, side=side: m.save_pretrained(str(work / f"saved_{side}_{family}")))
             for side, m in models.items()}
     _same_failure(report, f"{family}/save_pretrained of the loaded model", save["upstream"], save["replica"])
