@@ -784,7 +784,369 @@ def check_internvl(upstream: str | Path, quick: bool = False) -> Report:
     return report
 
 
-PARTS = {"sam2": check_sam2, "internvl": check_internvl}
+# --------------------------------------------------------------------------------------------- Qwen-VL releases
+#: upstream folder of each Qwen-VL family (models_qwen is a copy of models_qwen2_5_vl)
+QWEN_FOLDERS = {"qwen2_5_vl": "models_qwen2_5_vl", "qwen3_vl": "models_qwen3vl"}
+QWEN_PROMPT = "<image>Please segment the vessels."
+QWEN_CLASS = "modeling_sa2va_qwen.Sa2VAChatModelQwen"
+
+
+def _qwen_folders(hf: Path, family: str, folder: Path, work: Path) -> dict[str, Path]:
+    """The replica's folder and a copy of it carrying upstream's four .py files instead (same weights)."""
+    up = work / f"upstream_{family}"
+    shutil.copytree(folder, up, dirs_exist_ok=True)
+    for src in (hf / QWEN_FOLDERS[family]).glob("*.py"):
+        shutil.copy2(src, up / src.name)
+    return {"upstream": up, "replica": folder}
+
+
+def _qwen_class(path: Path, side: str):
+    """The folder's wrapper class as AutoModel resolves it; on upstream's side its ``SAM2`` is upstream's own SAM2
+    at the folder's replica_sam2_size (see check_sam2)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from sa2va_replica.remote_code import sam2 as replica_sam2
+
+    with contextlib.redirect_stdout(None), quiet():
+        cls = get_class_from_dynamic_module(QWEN_CLASS, str(path))
+    if side == "upstream":
+        size = json.loads((path / "config.json").read_text()).get("replica_sam2_size", "hiera_l")
+        package = cls.__module__.rsplit(".", 1)[0]
+        sys.modules[cls.__module__].SAM2 = _upstream_sam2_classes(sys.modules[package + ".sam2"], size,
+                                                                 replica_sam2.SIZES)
+    return cls
+
+
+def _qwen_load(path: Path, side: str, post_init: bool):
+    from transformers import AutoModel
+
+    from sa2va_replica.qwen_on_cpu import post_init_on_load
+
+    _qwen_class(path, side)
+    with (post_init_on_load(path) if post_init else contextlib.nullcontext()), contextlib.redirect_stdout(None), \
+            quiet():
+        return AutoModel.from_pretrained(str(path), trust_remote_code=True, dtype=torch.float32)
+
+
+def _qwen_structure(report: Report, tag: str, modules: dict, config_dict: dict, meta: bool):
+    """Both wrappers (``modules``: side -> modeling module) built from one released config, seeded alike: state-dict
+    keys and shapes; parameter counts per part."""
+    from sa2va_replica.build_qwen import build_model
+
+    models = []
+    for module in modules.values():
+        torch.manual_seed(0)
+        with contextlib.redirect_stdout(None), quiet():
+            models.append(build_model(module, config_dict, torch.bfloat16 if meta else torch.float32,
+                                      "meta" if meta else None))
+    _compare_structure(report, tag, *models)
+    for name, model in zip(modules, models):
+        counts = {part: sum(p.numel() for p in getattr(model, part).parameters())
+                  for part in ("model", "text_hidden_fcs", "grounding_encoder")}
+        report.number(f"{tag}/{name} parameters", dict(counts, total=sum(counts.values())))
+    return models
+
+
+def _qwen_real_shapes(report: Report, hf: Path, work: Path, quick: bool):
+    """Every real shape on the meta device: upstream's wrapper (its Hiera-L SAM2) against the replica's, and the
+    counts against the published base-model counts (build_qwen.expected_parameters)."""
+    from sa2va_replica import build_qwen as bq
+
+    for family in bq.FAMILIES:
+        replica_code = work / f"remote_code_{family}"
+        replica_code.mkdir(exist_ok=True)
+        bq.write_remote_code(replica_code, family)
+        with contextlib.redirect_stdout(None), quiet():
+            modules = {"upstream": bq.import_remote_code(hf / QWEN_FOLDERS[family]),
+                       "replica": bq.import_remote_code(replica_code)}
+        shapes = [s for s in bq.SHAPES[family] if s != "tiny"]
+        for shape in shapes[:1] if quick else shapes:
+            expected = bq.expected_parameters(family, shape)
+            ids = {t: bq.QWEN_BASE_VOCAB + i for i, (t, _) in enumerate(bq.added_tokens(family))}
+            config = bq.released_config(family, bq.base_config(family, shape, ids), expected["vocab"],
+                                        torch.bfloat16, {})
+            models = _qwen_structure(report, f"{family}/{shape}", modules, config, meta=True)
+            for side, model in zip(modules, models):
+                for part in ("model", "text_hidden_fcs", "grounding_encoder"):
+                    got = sum(p.numel() for p in getattr(model, part).parameters())
+                    report.expect(got == expected[part], f"{family}/{shape}/{side}: {part} has {got} parameters, "
+                                                         f"published counts give {expected[part]}")
+            del models
+
+
+def _qwen_convert_layout(report: Report, hf: Path, family: str, folder: Path, work: Path):
+    """tools/convert_to_hf.py's qwen branch run with upstream's classes under the installed transformers (base
+    config -> Sa2VAChatConfigQwen.to_dict -> edits -> Sa2VAChatModelQwen(config, model=base model).save_pretrained)
+    against the builder's folder: config.json and weight names. On 4.57 (upstream's pin) they must be equal; on 5.x
+    the differences are what a folder converted today would have, reported."""
+    import transformers
+    from safetensors import safe_open
+
+    from sa2va_replica import build_qwen as bq
+    from sa2va_replica.remote_code import sam2 as replica_sam2
+
+    ids = json.loads((folder / "added_tokens.json").read_text())
+    base_dir = work / f"base_{family}"
+    base_dir.mkdir(exist_ok=True)
+    (base_dir / "config.json").write_text(json.dumps(bq.base_config(family, "tiny", ids)))
+    with contextlib.redirect_stdout(None), quiet():
+        up = bq.import_remote_code(hf / QWEN_FOLDERS[family])
+        up_sam2 = sys.modules[up.__name__.rsplit(".", 1)[0] + ".sam2"]
+        up.SAM2 = _upstream_sam2_classes(up_sam2, "tiny", replica_sam2.SIZES)
+        base_cls = getattr(transformers, "Qwen2_5_VLForConditionalGeneration" if family == "qwen2_5_vl"
+                           else "Qwen3VLForConditionalGeneration")
+        inner = base_cls(base_cls.config_class.from_pretrained(base_dir))
+        inner.resize_token_embeddings(max(ids.values()) + 1)
+        config_dict = up.Sa2VAChatConfigQwen.from_pretrained(base_dir).to_dict()
+        config_dict["text_config"]["vocab_size"] = max(ids.values()) + 1
+        config_dict["tie_word_embeddings"] = False
+        config_dict["template"] = "qwen_chat"
+        config_dict["auto_map"] = dict(bq.AUTO_MAP)
+        config = up.Sa2VAChatConfigQwen(**config_dict)
+        config.text_config.tie_word_embeddings = False
+        out = work / f"converted_{family}"
+        up.Sa2VAChatModelQwen(config, model=inner).save_pretrained(str(out))
+    ignore = {"transformers_version", "dtype", "replica_forced_answer", "replica_sam2_size"}
+    converted = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k not in ignore}
+    built = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in ignore}
+    differing = sorted(k for k in set(converted) | set(built) if converted.get(k) != built.get(k))
+    names = {}
+    for side, path in (("converted", out), ("built", folder)):
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            names[side] = {k for k in f.keys() if not k.startswith("grounding_encoder.")}
+    only = (sorted(names["converted"] - names["built"])[:4], sorted(names["built"] - names["converted"])[:4])
+    major = int(transformers.__version__.split(".")[0])
+    report.number(f"{family}/convert_to_hf under {transformers.__version__}: config keys differing from the "
+                  f"released layout", differing)
+    report.number(f"{family}/convert_to_hf under {transformers.__version__}: weight names only converted / "
+                  f"only built", only)
+    if major < 5:
+        report.expect(not differing, f"{family}: config.json differs from 4.57's conversion in {differing}")
+        # 4.57 drops a tied lm_head from the file; upstream's training untied it (LoRA modules_to_save), the
+        # replica writes it: the only name allowed to differ
+        report.expect(not only[0] and set(only[1]) <= {"model.lm_head.weight"},
+                      f"{family}: weight names differ from 4.57's conversion: {only}")
+
+
+def _qwen_messages(image, text):
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+
+
+def _qwen_token_counts(report: Report, family: str, processor):
+    """Image tokens the checkpoint's processor makes for a DRIVE (565 x 584) and an ARCADE (512 x 512) image with
+    predict_forward's settings (qwen_vl_utils' resize, then min/max pixels 512*28*28 / 2048*28*28)."""
+    import numpy as np
+    from PIL import Image
+    from qwen_vl_utils import process_vision_info
+
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for name, (w, h) in (("DRIVE 565x584", (565, 584)), ("ARCADE 512x512", (512, 512)), ("64x64", (64, 64))):
+        messages = _qwen_messages(Image.fromarray(np.zeros((h, w, 3), np.uint8)), "Please segment the vessels.")
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images, _ = process_vision_info(messages)
+        with quiet():
+            inputs = processor(text=[text], images=images, return_tensors="pt", min_pixels=512 * 28 * 28,
+                               max_pixels=2048 * 28 * 28)
+        report.number(f"{family}/tokens {name}", {
+            "qwen_vl_utils size": list(images[0].size), "image_grid_thw": inputs["image_grid_thw"][0].tolist(),
+            "patches": int(inputs["pixel_values"].shape[0]), "image tokens": int((inputs["input_ids"] == pad).sum()),
+            "prompt tokens": int(inputs["input_ids"].shape[1])})
+
+
+def _qwen_forced_generate(model, forced_ids, forced_cls):
+    """Upstream's generate with the replica's forcing applied from outside (random weights never say [SEG])."""
+    from transformers import LogitsProcessorList
+
+    generate = type(model.model).generate
+
+    def forced_generate(*args, **kwargs):  # a fresh processor per call: it remembers the prompt length
+        return generate(model.model, *args, logits_processor=LogitsProcessorList([forced_cls(forced_ids)]), **kwargs)
+
+    model.model.generate = forced_generate
+
+
+def _qwen_predict(model, processor, image, text=QWEN_PROMPT, adapter=True):
+    """predict_forward with the [SEG] embedding captured (text_hidden_fcs' input)."""
+    from sa2va_replica.qwen_on_cpu import cuda_on_cpu
+
+    captured = []
+    hook = model.text_hidden_fcs.register_forward_hook(lambda m, i, o: captured.append(i[0].detach().clone()))
+    try:
+        with (cuda_on_cpu(model) if adapter else contextlib.nullcontext()), torch.no_grad(), quiet():
+            result = model.predict_forward(image=image, text=text, processor=processor)
+    finally:
+        hook.remove()
+    return result, captured
+
+
+def _qwen_teacher_forced_seg(model, processor, image, sequence, seg_id):
+    """The [SEG] states read from one forward pass over prompt + answer (what a training-time adapter computes):
+    the last layer's hidden state at every position whose input token is [SEG]."""
+    from qwen_vl_utils import process_vision_info
+
+    messages = _qwen_messages(image, QWEN_PROMPT.replace("<image>", ""))
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    images, _ = process_vision_info(messages)
+    with quiet():
+        inputs = dict(processor(text=[text], images=images, return_tensors="pt", min_pixels=512 * 28 * 28,
+                                max_pixels=2048 * 28 * 28))
+    ids = sequence[None, :-1]
+    pad = ids.shape[1] - inputs["input_ids"].shape[1]
+    inputs["input_ids"], inputs["attention_mask"] = ids, torch.ones_like(ids)
+    if "mm_token_type_ids" in inputs:  # transformers 5 reads image positions from it for the 3-D RoPE
+        inputs["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, pad))
+    with torch.no_grad(), quiet():
+        states = model.model(**inputs, output_hidden_states=True).hidden_states[-1][0]
+    return states[ids[0] == seg_id]
+
+
+def _qwen_run(report: Report, hf: Path, family: str, folder: Path, work: Path):
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    from sa2va_replica import build_qwen as bq
+    from sa2va_replica.qwen_on_cpu import load_processor
+
+    tag = family
+    folders = _qwen_folders(hf, family, folder, work)
+    major = int(transformers.__version__.split(".")[0])
+    _same_failure(report, f"{tag}/from_pretrained", lambda: _qwen_load(folders["upstream"], "upstream", False),
+                  lambda: _qwen_load(folders["replica"], "replica", False), major >= 5)
+    models = {side: _qwen_load(path, side, major >= 5) for side, path in folders.items()}
+    real, replica = models["upstream"], models["replica"]
+    sd = [m.state_dict() for m in (real, replica)]
+    report.expect(list(sd[0]) == list(sd[1]), f"{tag}: loaded state dicts have different keys")
+    report.close(f"{tag}/loaded weights", sd[0], sd[1], rtol=0.0)
+    for side, m in models.items():
+        report.number(f"{tag}/{side} after from_pretrained", {
+            "dtype": str(next(m.parameters()).dtype), "torch_dtype attribute": str(m.torch_dtype),
+            "min/max pixels": [m.min_pixels, m.max_pixels], "DirectResize": m.extra_image_processor.target_length})
+    ids = torch.tensor([[1, 2, 3]])
+    _same_failure(report, f"{tag}/model(input_ids=...) (no forward defined)", lambda: real(input_ids=ids),
+                  lambda: replica(input_ids=ids), True)
+    _same_failure(report, f"{tag}/model() (no forward defined)", lambda: real(), lambda: replica(), True)
+
+    processor = load_processor(folder)
+    _qwen_token_counts(report, family, processor)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8))
+    gray = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8))
+    _same_failure(report, f"{tag}/DirectResize of a grayscale image",
+                  lambda: real.extra_image_processor.apply_image(np.array(gray)),
+                  lambda: replica.extra_image_processor.apply_image(np.array(gray)), True)
+
+    replica.processor = processor
+    forced = replica._replica_generate_kwargs()["logits_processor"][0].token_ids
+    forced_cls = type(replica._replica_generate_kwargs()["logits_processor"][0])
+    _qwen_forced_generate(real, forced, forced_cls)
+    _same_failure(report, f"{tag}/predict_forward on CPU, no adapter",
+                  lambda: real.predict_forward(image=image, text=QWEN_PROMPT, processor=processor),
+                  lambda: replica.predict_forward(image=image, text=QWEN_PROMPT, processor=processor), True)
+    from sa2va_replica.cuda_on_cpu import sam2_cuda_on_cpu
+
+    def only_cuda_calls_adapted(model):
+        with sam2_cuda_on_cpu(model), torch.no_grad(), quiet():
+            return model.predict_forward(image=image, text=QWEN_PROMPT, processor=processor)
+
+    _same_failure(report, f"{tag}/predict_forward float32, CUDA calls adapted, autocast('cuda') off",
+                  lambda: only_cuda_calls_adapted(real), lambda: only_cuda_calls_adapted(replica), True)
+    text_only = [m.predict_forward(text="Please describe the vessels.", processor=processor) for m in (real, replica)]
+    report.number(f"{tag}/predict_forward text only", [r["prediction"] for r in text_only])
+    report.expect(text_only[0] == text_only[1], f"{tag}: text-only predictions differ")
+
+    got = _same_failure(report, f"{tag}/predict_forward float32 with cuda_on_cpu",
+                        lambda: _qwen_predict(real, processor, image), lambda: _qwen_predict(replica, processor, image))
+    if got[0] != "ok":
+        return
+    (r_real, seg_real), (r_rep, seg_rep) = _qwen_predict(real, processor, image), _qwen_predict(replica, processor, image)
+    report.number(f"{tag}/predict_forward answer", [r_real["prediction"], r_rep["prediction"]])
+    report.expect(r_real["prediction"] == r_rep["prediction"], f"{tag}: answers differ")
+    report.expect(len(seg_real) == len(seg_rep) == 1, f"{tag}: [SEG] embeddings {len(seg_real)} / {len(seg_rep)}")
+    if len(seg_real) == len(seg_rep) == 1:
+        report.close(f"{tag}/[SEG] hidden state", seg_real[0], seg_rep[0], rtol=0.0)
+    masks = [np.stack(r["prediction_masks"]) for r in (r_real, r_rep)]
+    same_shape = report.expect(masks[0].shape == masks[1].shape, f"{tag}: mask shapes {masks[0].shape} {masks[1].shape}")
+    if same_shape:
+        differing = int((masks[0] != masks[1]).sum())
+        report.number(f"{tag}/predict_forward mask", f"{differing} of {masks[0].size} pixels differ "
+                                                     f"(shape {masks[0].shape}, foreground {masks[1].mean():.3f})")
+        report.expect(differing == 0, f"{tag}: {differing} mask pixels differ")
+    # where the [SEG] state is read: the same as a teacher-forced pass (what a training adapter computes)
+    seg_id = processor.tokenizer.convert_tokens_to_ids("[SEG]")
+    with quiet():
+        generated = replica.model.generate(**_qwen_generate_inputs(processor, image), max_new_tokens=16,
+                                           do_sample=False, logits_processor=replica._replica_generate_kwargs()
+                                           ["logits_processor"])
+    for side, m, seg in (("upstream", real, seg_real), ("replica", replica, seg_rep)):
+        forced_pass = _qwen_teacher_forced_seg(m, processor, image, generated[0], seg_id)
+        report.close(f"{tag}/{side} [SEG] state: predict_forward vs one teacher-forced pass", seg[0],
+                     forced_pass, rtol=1e-4)
+
+    saved = {side: (lambda m=m, side=side: m.save_pretrained(str(work / f"saved_{side}_{family}")))
+             for side, m in models.items()}
+    _same_failure(report, f"{tag}/save_pretrained of the loaded model", saved["upstream"], saved["replica"])
+    from safetensors import safe_open
+
+    with safe_open(str(work / f"saved_replica_{family}" / "model.safetensors"), "pt") as f:
+        report.number(f"{tag}/save_pretrained under {transformers.__version__}: LLM weight names",
+                      sorted(k for k in f.keys() if "layers.0.self_attn.q_proj.weight" in k))
+    saved_config = json.loads((work / f"saved_replica_{family}" / "config.json").read_text())
+    report.number(f"{tag}/save_pretrained under {transformers.__version__}: text rope keys",
+                  sorted(k for k in saved_config["text_config"] if k.startswith("rope")))
+    report.number(f"{tag}/expected parameters of the shapes", {s: bq.expected_parameters(family, s)["total"]
+                                                               for s in bq.SHAPES[family] if s != "tiny"})
+
+
+def _qwen_generate_inputs(processor, image):
+    from qwen_vl_utils import process_vision_info
+
+    messages = _qwen_messages(image, QWEN_PROMPT.replace("<image>", ""))
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    images, _ = process_vision_info(messages)
+    with quiet():
+        return processor(text=[text], images=images, return_tensors="pt", min_pixels=512 * 28 * 28,
+                         max_pixels=2048 * 28 * 28)
+
+
+def check_qwen(upstream: str | Path, quick: bool = False) -> Report:
+    """The Qwen2.5-VL / Qwen3-VL based releases (modeling_sa2va_qwen.py, configuration_sa2va_chat.py): the written
+    files against upstream's, the conversion layout, state dicts at tiny and (meta device) real shapes with
+    parameter counts against the published ones, then with identical weights in both: the transformers-version
+    failures (same exception and message), answers, [SEG] hidden states and predict_forward masks (float32, CPU),
+    save_pretrained. ``quick``: one real shape per family."""
+    import tempfile
+
+    _use_stubs()  # before transformers is imported: it decides once whether a torchvision exists
+    import transformers
+
+    from sa2va_replica import build_qwen as bq
+
+    report = Report("qwen")
+    report.number("transformers", transformers.__version__)
+    hf = hf_dir(upstream)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for family in bq.FAMILIES:
+            start = time.time()
+            up_files = {p.name: p.read_text() for p in (hf / QWEN_FOLDERS[family]).glob("*.py")}
+            written = bq.remote_code_files(family)
+            report.expect(sorted(up_files) == sorted(written), f"{family}: files {sorted(written)} != upstream's")
+            for name in ("sam2.py", "templates.py"):  # why the builder ships the InternVL family's copies
+                report.expect(up_files.get(name) == (hf / "models" / name).read_text(),
+                              f"{family}: upstream's {name} is not models/{name}")
+            folder = bq.build_qwen_replica(work / f"replica_{family}", family=family)
+            _qwen_convert_layout(report, hf, family, folder, work)
+            modules = {side: sys.modules[_qwen_class(path, side).__module__]
+                       for side, path in _qwen_folders(hf, family, folder, work).items()}
+            _qwen_structure(report, f"{family}/tiny", modules, json.loads((folder / "config.json").read_text()),
+                            meta=False)
+            _qwen_run(report, hf, family, folder, work)
+            report.number(f"{family}/seconds", round(time.time() - start, 1))
+        _qwen_real_shapes(report, hf, work, quick)
+    return report
+
+
+PARTS = {"sam2": check_sam2, "internvl": check_internvl, "qwen": check_qwen}
 
 
 def main(argv=None) -> int:
@@ -793,6 +1155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--part", action="append", choices=sorted(PARTS), help="default: every part")
     parser.add_argument("--quick", action="store_true", help="tiny sizes only (seconds, not minutes)")
     args = parser.parse_args(argv)
+    _use_stubs()  # before any part imports transformers, which decides once whether a torchvision exists
     failed = False
     for part in args.part or sorted(PARTS):
         report = PARTS[part](args.upstream, quick=args.quick)
