@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -68,23 +69,24 @@ INTERNLM25 = dict(rms_norm_eps=1e-5, rope_theta=1000000, max_position_embeddings
                   bias=False, rope_scaling={"type": "dynamic", "factor": 2.0}, attn_implementation="eager",
                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
 DYNAMIC_QWEN_ROPE = {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"}  # as InternVL3's configs carry it
+TINY_LLM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
 
-#: name -> (family, vision config, LLM config, template). LLM sizes are the base LLMs' (Qwen2.5-0.5B/3B/1.5B/7B/14B,
-#: InternLM2.5-7B/20B); parameter totals match the published InternVL sizes (see tests) plus SAM2 Hiera-L.
+
+def _tiny_vit(block: dict) -> dict:
+    """Tiny widths with the block type (norm, qk normalisation, qkv bias) of a real InternViT."""
+    return dict(VIT_TINY, **{k: block[k] for k in ("norm_type", "qk_normalization", "qkv_bias")})
+
+
+#: name -> {family: (vision config, LLM config, template)}. LLM sizes are the base LLMs' (Qwen2.5-0.5B/3B/1.5B/7B/14B,
+#: InternLM2.5-7B/20B); parameter totals match the published InternVL sizes (see tests) plus SAM2 Hiera-L. The Qwen
+#: rope_scaling of the InternVL3-based shapes is InternVL3's configs'; the InternVL2.5 Qwen ones carry none here.
 SHAPES = {
     "tiny": {
-        "qwen2": (dict(VIT_TINY, **{k: VIT_300M[k] for k in ("norm_type", "qk_normalization", "qkv_bias")}),
-                  dict(QWEN25, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2), "qwen_chat"),
-        "internlm2": (dict(VIT_TINY, **{k: VIT_300M[k] for k in ("norm_type", "qk_normalization", "qkv_bias")}),
-                      dict(INTERNLM25, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2), "internlm2_chat"),
+        "qwen2": (_tiny_vit(VIT_300M), dict(QWEN25, **TINY_LLM), "qwen_chat"),
+        "internlm2": (_tiny_vit(VIT_300M), dict(INTERNLM25, **TINY_LLM), "internlm2_chat"),
     },
-    "tiny-6b": {
-        "internlm2": (dict(VIT_TINY, **{k: VIT_6B[k] for k in ("norm_type", "qk_normalization", "qkv_bias")}),
-                      dict(INTERNLM25, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2), "internlm2_chat"),
-    },
+    "tiny-6b": {"internlm2": (_tiny_vit(VIT_6B), dict(INTERNLM25, **TINY_LLM), "internlm2_chat")},
     "sa2va-1b": {"qwen2": (dict(VIT_300M, **VIT_INIT_25), dict(
         QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2), "qwen_chat")},
@@ -119,12 +121,9 @@ def _attn_mask_utils_stand_in():
     installed transformers has none (5.x), which modeling_phi3 imports at module level. Only this builder's own
     import of the code sees it; a checkpoint folder loaded through ``trust_remote_code`` imports its copy afresh."""
     name = "transformers.modeling_attn_mask_utils"
-    try:
-        importlib.import_module(name)
+    if importlib.util.find_spec(name) is not None:
         yield
         return
-    except ModuleNotFoundError:
-        pass
     stand_in = types.ModuleType(name)
 
     def _prepare_4d_causal_attention_mask(*args, **kwargs):

@@ -111,6 +111,24 @@ def quiet():
         yield
 
 
+def _compare_structure(report: Report, tag: str, real, replica) -> bool:
+    """Same state-dict keys (in order), shapes, parameter counts and buffer names; True when keys and shapes agree."""
+    real_sd, rep_sd = real.state_dict(), replica.state_dict()
+    same_keys = report.expect(list(real_sd) == list(rep_sd),
+                              f"{tag}: state-dict keys differ: only upstream {sorted(set(real_sd) - set(rep_sd))[:5]}, "
+                              f"only replica {sorted(set(rep_sd) - set(real_sd))[:5]}")
+    shapes = [k for k in real_sd if k in rep_sd and real_sd[k].shape != rep_sd[k].shape]
+    report.expect(not shapes, f"{tag}: shapes differ for {shapes[:5]}")
+    report.number(f"{tag}/state-dict entries", len(rep_sd))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (real, replica)]
+    report.number(f"{tag}/parameters (upstream, replica)", counts)
+    report.expect(counts[0] == counts[1], f"{tag}: parameter counts differ {counts}")
+    buffers = [sorted(n for n, _ in m.named_buffers()) for m in (real, replica)]
+    report.expect(buffers[0] == buffers[1], f"{tag}: buffers differ "
+                                            f"{sorted(set(buffers[0]) ^ set(buffers[1]))[:5]}")
+    return same_keys and not shapes
+
+
 # ------------------------------------------------------------------------------------------------------- SAM2
 def _upstream_sam2_classes(up, size: str, sizes: dict):
     """Upstream's SAM2 at ``size``: hiera_l is upstream as shipped; tiny overrides only the three builders whose
@@ -303,16 +321,7 @@ def check_sam2(upstream: str | Path, quick: bool = False) -> Report:
         with quiet():
             real = _upstream_sam2_classes(up, size, replica_sam2.SIZES)().eval()
             replica = replica_sam2.SAM2(size=size).eval()
-        real_sd, rep_sd = real.state_dict(), replica.state_dict()
-        report.expect(list(real_sd) == list(rep_sd),
-                      f"{size}: state-dict keys differ: only upstream {sorted(set(real_sd) - set(rep_sd))[:5]}, "
-                      f"only replica {sorted(set(rep_sd) - set(real_sd))[:5]}")
-        shapes = [k for k in real_sd if k in rep_sd and real_sd[k].shape != rep_sd[k].shape]
-        report.expect(not shapes, f"{size}: shapes differ for {shapes[:5]}")
-        report.number(f"{size}/state-dict entries", len(rep_sd))
-        counts = [sum(p.numel() for p in m.parameters()) for m in (real, replica)]
-        report.number(f"{size}/parameters (upstream, replica)", counts)
-        report.expect(counts[0] == counts[1], f"{size}: parameter counts differ {counts}")
+        _compare_structure(report, size, real, replica)
         _perturb(real, seed=1)
         replica.load_state_dict(real.state_dict(), strict=True)
         _compare_sam2(report, size, real, replica, all_paths=size == "tiny")
@@ -378,8 +387,8 @@ def _same_failure(report: Report, name: str, real_fn, replica_fn, expect_failure
     report.number(f"failure/{name}", {"upstream": got[0][:160], "replica": got[1][:160]})
     report.expect(got[0] == got[1], f"failure/{name}: upstream {got[0][:160]!r} != replica {got[1][:160]!r}")
     if expect_failure is not None:
-        report.expect((got[0] != "ok") == expect_failure, f"failure/{name}: expected "
-                                                          f"{'a failure' if expect_failure else 'success'}, got {got[0][:120]!r}")
+        wanted = "a failure" if expect_failure else "success"
+        report.expect((got[0] != "ok") == expect_failure, f"failure/{name}: expected {wanted}, got {got[0][:120]!r}")
     return got
 
 
@@ -409,23 +418,6 @@ def _models(hf: Path, config: dict, device=None, dtype=torch.float32):
         with place, _default_dtype(dtype), contextlib.redirect_stdout(None), quiet():
             models.append(module.Sa2VAChatModel(cfg))
     return up, rep, models
-
-
-def _compare_structure(report: Report, tag: str, real, replica) -> bool:
-    real_sd, rep_sd = real.state_dict(), replica.state_dict()
-    same_keys = report.expect(list(real_sd) == list(rep_sd),
-                              f"{tag}: state-dict keys differ: only upstream {sorted(set(real_sd) - set(rep_sd))[:5]}, "
-                              f"only replica {sorted(set(rep_sd) - set(real_sd))[:5]}")
-    shapes = [k for k in real_sd if k in rep_sd and real_sd[k].shape != rep_sd[k].shape]
-    report.expect(not shapes, f"{tag}: shapes differ for {shapes[:5]}")
-    report.number(f"{tag}/state-dict entries", len(rep_sd))
-    counts = [sum(p.numel() for p in m.parameters()) for m in (real, replica)]
-    report.number(f"{tag}/parameters (upstream, replica)", counts)
-    report.expect(counts[0] == counts[1], f"{tag}: parameter counts differ {counts}")
-    buffers = [sorted(n for n, _ in m.named_buffers()) for m in (real, replica)]
-    report.expect(buffers[0] == buffers[1], f"{tag}: buffers differ "
-                                            f"{sorted(set(buffers[0]) ^ set(buffers[1]))[:5]}")
-    return same_keys and not shapes
 
 
 def _tokenizer(folder: Path, module):
@@ -697,9 +689,9 @@ def _loading(report: Report, hf: Path, family: str, folder: Path, work: Path):
         wrong = _wrong_rotary_tables(model)
         if wrong is not None:
             report.number(f"{family}/{side} after from_pretrained: rotary inv_freq tables not as computed", wrong)
-    finite = [bool(torch.isfinite(m.language_model(input_ids=ids, use_cache=False).logits).all())
-              for m in models.values()]
-    report.expect(finite[0] == finite[1], f"{family}: finite logits after loading differ {finite}")
+    # whether the garbage tables give NaN varies from run to run (uninitialised memory); that they are wrong does not
+    wrong = [_wrong_rotary_tables(m) for m in models.values()]
+    report.expect(wrong[0] == wrong[1], f"{family}: rotary tables after loading differ {wrong}")
     save = {side: (lambda m=m, side=side: m.save_pretrained(str(work / f"saved_{side}_{family}")))
             for side, m in models.items()}
     _same_failure(report, f"{family}/save_pretrained of the loaded model", save["upstream"], save["replica"])
@@ -741,8 +733,7 @@ def check_internvl(upstream: str | Path, quick: bool = False) -> Report:
 
     import transformers
 
-    from sa2va_replica.build import FAMILIES, TOKENIZER_WRITERS, build_replica, released_config
-    from sa2va_replica.build import REMOTE_CODE
+    from sa2va_replica.build import REMOTE_CODE, build_replica
 
     _use_stubs()
     report = Report("internvl")

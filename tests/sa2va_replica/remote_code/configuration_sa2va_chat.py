@@ -16,7 +16,8 @@ import copy
 import transformers
 from transformers import LlamaConfig, Qwen2Config
 from transformers.configuration_utils import PretrainedConfig
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig  # noqa: F401
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (Qwen2_5_VLConfig,  # noqa: F401
+                                                                     Qwen2_5_VLVisionConfig)
 from transformers.utils import logging
 
 from .configuration_intern_vit import InternVisionConfig

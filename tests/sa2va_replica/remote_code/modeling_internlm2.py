@@ -12,6 +12,12 @@ with its behaviour under transformers 5 (measured on the public code; keep them,
   ``__init__`` (a cos/sin table of ``max_position_embeddings`` rows per layer, in the default dtype). They are not
   in the checkpoint, so transformers 5's ``from_pretrained`` (which builds on the meta device) leaves them
   uninitialised: garbage positions and NaN logits, without an error.
+- ``InternLM2ForCausalLM`` inherits ``GenerationMixin`` only through ``InternLM2PreTrainedModel``; transformers >=
+  4.50 counts direct bases only (``can_generate()`` is False), so the model gets no ``generation_config`` and
+  ``generate`` fails (4.57: 'NoneType' object has no attribute 'transformers_version'; 5.x: no attribute
+  'generation_config'). With one set by hand, the legacy cache below breaks generation (4.57: AttributeError on
+  ``.shape``; 5.24: IndexError in the rotary lookup). Sa2VA-8B/26B's ``predict_forward`` therefore needs an older
+  transformers (the public code's generation config names 4.42.3).
 - The KV cache is the legacy tuple of (key, value) per layer; ``prepare_inputs_for_generation`` reads
   ``past_key_values[0][0].shape[2]``.
 - Attention is eager (flash-attn when importable; the model prints a warning and forces eager otherwise): q/k/v
