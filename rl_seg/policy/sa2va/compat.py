@@ -7,7 +7,7 @@ transformers 4.56-4.57, and under transformers 5 it breaks in five known ways. r
 of the stack - peft, DeepSpeed, Ray Train, the default model - is tested on it, and users' environments have it) and
 repairs each break here, in memory, at load time. The checkpoint folder and its files are never edited. Each repair
 is applied only when the installed transformers needs it, and each has a test that reproduces the break on the
-replica in ``tests/sa2va_replica`` first:
+replica in ``tests/sa2va_replica`` first (five breaks the public code shows at load, one found in its tokenizer):
 
 1. ``attn_mask_utils_shim``: ``modeling_sa2va_chat`` imports ``modeling_phi3`` unconditionally, which imports
    ``transformers.modeling_attn_mask_utils`` (removed in 5.0). A stand-in module exists while the remote code is
@@ -21,6 +21,11 @@ replica in ``tests/sa2va_replica`` first:
    that remote code computes in ``__init__`` (InternLM2's rotary ``inv_freq``/``cos_cached``/``sin_cached``)
    uninitialised: the logits become NaN with no error. They are recomputed by building the module tree once more
    with parameters on the meta device (no memory) and real buffers, and copied in.
+6. ``slow_sentencepiece_tokenizer``: InternLM2 checkpoints (Sa2VA-8B/26B) ship a sentencepiece tokenizer
+   (``tokenization_internlm2.InternLM2Tokenizer``) with a "fast" twin. Under 4.x both encode alike; transformers 5's
+   ``AutoTokenizer`` returns the fast one even with ``use_fast=False``, converted by 5.x's own rules, and it encodes
+   the prompt into other ids (measured: 4 of 4 test strings differ; "Please segment the blood vessels." -> 12 tokens
+   instead of 8), so the [SEG] state would not be the one the checkpoint learnt. The slow class is loaded directly.
 
 Beyond these, loading fails with a message naming the installed versions and the fix (:func:`check_versions`).
 """
@@ -41,7 +46,8 @@ from typing import Callable, Iterator
 import torch
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "REPAIRS", "check_versions", "check_remote_code_imports",
-           "load_remote_model", "needs_repair", "RemoteCodeError", "quiet_remote_code", "attn_mask_utils_shim"]
+           "load_remote_model", "load_tokenizer", "needs_repair", "RemoteCodeError", "quiet_remote_code",
+           "attn_mask_utils_shim"]
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +191,8 @@ REPAIRS = (
     Repair("legacy_rope_scaling", "InternLM2 reads rope_scaling['type']; transformers 5 rewrites rope_scaling"),
     Repair("tied_weights_as_dict", "InternLM2's _tied_weights_keys is a list; transformers 5 wants a dict"),
     Repair("non_persistent_buffers", "transformers 5 leaves buffers computed in remote __init__ uninitialised"),
+    Repair("slow_sentencepiece_tokenizer", "transformers 5 swaps InternLM2's sentencepiece tokenizer for a fast one "
+                                           "that encodes differently"),
 )
 
 
@@ -408,6 +416,32 @@ def load_remote_model(path: str | Path, dtype: torch.dtype | None = None, skip: 
     if applied:
         log.info("%s: loaded with transformers-5 repairs %s", path, ", ".join(applied))
     return model, config, applied
+
+
+def load_tokenizer(path: str | Path, skip: tuple[str, ...] = ()):
+    """The checkpoint's tokenizer as its own code builds it under 4.x (repair 6 under transformers 5)."""
+    from transformers import AutoTokenizer
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    path = Path(path)
+    with quiet_remote_code(), attn_mask_utils_shim():
+        slow = _remote_slow_tokenizer(path)
+        if slow and needs_repair() and "slow_sentencepiece_tokenizer" not in skip:
+            tokenizer = get_class_from_dynamic_module(slow, str(path)).from_pretrained(str(path))
+            log.info("%s: tokenizer %s loaded directly (transformers 5 would convert it)", path, slow)
+            return tokenizer
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+
+
+def _remote_slow_tokenizer(path: Path) -> str | None:
+    """``tokenizer_config.json``'s remote slow tokenizer class (``auto_map.AutoTokenizer[0]``), if there is one."""
+    try:
+        auto_map = json.loads((path / "tokenizer_config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError):
+        return None
+    entry = auto_map.get("AutoTokenizer")
+    slow = entry[0] if isinstance(entry, (list, tuple)) and entry else None
+    return slow if isinstance(slow, str) and "." in slow else None
 
 
 def _init_source(cls: type) -> str:

@@ -215,6 +215,8 @@ class Sa2VABase(SegPolicy):
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         model, _, _ = compat.load_remote_model(path, dtype=dtype, skip=tuple(skip_repairs))
+        if skip_repairs:
+            options["skip_repairs"] = tuple(skip_repairs)
         policy = cls.build(model, path, action_resolution=action_resolution, **options)
         if device is not None:
             policy.to(device)

@@ -167,13 +167,11 @@ class Sa2VAPolicy(Sa2VABase):
         self._prompt_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def build(cls, model: torch.nn.Module, path: Path, max_tiles: int = 1, **options) -> "Sa2VAPolicy":
-        from transformers import AutoTokenizer
-
+    def build(cls, model: torch.nn.Module, path: Path, max_tiles: int = 1, skip_repairs: tuple[str, ...] = (),
+              **options) -> "Sa2VAPolicy":
         from . import compat
 
-        with compat.quiet_remote_code(), compat.attn_mask_utils_shim():
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+        tokenizer = compat.load_tokenizer(path, skip=tuple(skip_repairs))
         return cls(model, tokenizer, source_dir=path, max_tiles=max_tiles, **options)
 
     def save_text_side(self, path: Path) -> None:

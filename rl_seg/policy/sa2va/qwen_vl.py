@@ -60,7 +60,7 @@ class Sa2VAQwenPolicy(Sa2VABase):
 
     @classmethod
     def build(cls, model: torch.nn.Module, path: Path, max_tiles: int = 1, processor=None,
-              **options) -> "Sa2VAQwenPolicy":
+              skip_repairs: tuple[str, ...] = (), **options) -> "Sa2VAQwenPolicy":
         """``processor``: the checkpoint's own (``AutoProcessor``) unless one is given (tests on machines without
         torchvision build it from the PIL image processor: transformers' Qwen-VL processors need a video processor,
         which needs torchvision)."""
