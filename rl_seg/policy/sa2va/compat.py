@@ -332,11 +332,16 @@ def quiet_remote_code() -> Iterator[None]:
     buffer = io.StringIO()
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    # remote modules log under "transformers_modules.<folder>...", outside transformers' own logger tree
+    remote = logging.getLogger("transformers_modules")
+    remote_level = remote.level
+    remote.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(buffer):
             yield
     finally:
         hf_logging.set_verbosity(level)
+        remote.setLevel(remote_level)
         for line in buffer.getvalue().splitlines():
             if line.strip():
                 log.debug("remote code: %s", line)
