@@ -6,7 +6,6 @@ Each subcommand's module is imported only when it runs, so `rl-seg score` does n
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -72,6 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _run_config(args, TrainConfig)
     if cfg is None:
         return 0
+    print(f"rl-seg train: {cfg.name}, {cfg.iterations} iterations on {', '.join(cfg.data.datasets)} -> "
+          f"{cfg.run_path}", flush=True)
     summary = run_training(cfg)
     try:
         curves = plot_run_curves(summary["run_path"])
@@ -150,7 +151,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         config_path = config_path.relative_to(working_dir)  # the job runs inside the uploaded copy
     client = job_client(args.address)
     submission_id = submit_training(client, config_path, run_dir=run_dir, name=name, overrides=args.overrides,
-                                    working_dir=working_dir, python=args.python)
+                                    working_dir=working_dir, python=args.python, verbose=args.verbose)
     dashboard = dashboard_url(args.address)
     print(f"submitted job {submission_id}\n  run folder: {run_dir / name}\n  dashboard:  {dashboard}/#/jobs/"
           f"{submission_id}\n  logs:       ray job logs --address {dashboard} -f {submission_id}", flush=True)
@@ -198,7 +199,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rl-seg", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print everything: the workers' output "
+                        "and Ray's messages, which otherwise go to the run folder's logs/, and DEBUG records")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     score = sub.add_parser("score", help="score saved predictions against a dataset",
@@ -242,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Wraps `ray job submit`: validates the config here, uploads the working dir "
                                     "(without .venv, runs, .git), sets the entry point, runtime env and token "
                                     "authentication, and prints the job id and the dashboard URL.")
+    _verbose_arg(sb)
     sb.add_argument("--config", type=Path, required=True, help="train config YAML")
     sb.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     sb.add_argument("--address", default=None, help="dashboard address (default: $RAY_ADDRESS if http, else "
@@ -302,7 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: unless given after the subcommand, the top-level flag's value stands
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also print what goes to the run folder's logs/ (worker output, Ray Train reports)")
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
+    _verbose_arg(p)
     p.add_argument("--config", type=Path, help="YAML config file")
     p.add_argument("--help-config", action="store_true", help="list every config field with its help and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=2000 lr=3e-4")
@@ -310,13 +320,31 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from .console import configure_cli_logging
+
+    configure_cli_logging(args.verbose)
     try:
         return args.func(args)
     except (DataError, ConfigError, MergeError, FileNotFoundError, FileExistsError) as exc:
         print(f"rl-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if args.command not in JOB_COMMANDS or args.verbose:
+            raise
+        return report_job_error(f"rl-seg {args.command}", exc)
+
+
+#: Commands whose failures happen in Ray actors: their console gets one line, the traceback is in the logs.
+JOB_COMMANDS = ("train", "tune")
+
+
+def report_job_error(prog: str, exc: BaseException) -> int:
+    from .console import describe_error, last_log_dir
+
+    where = last_log_dir()
+    print(f"{prog}: {describe_error(exc)}" + (f"\n  traceback and the workers' logs: {where}" if where else ""),
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import from_dict
+from ..console import LOG_DIR, announce
+from ..console import done as console_done
 from ..policy import MaskDistribution, load_policy
 from ..policy.base import autocast_for
 from ..policy.lora import attach_lora, load_adapter_weights
@@ -279,11 +281,12 @@ class _HealthWriter:
 
 def train_loop(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: build the engine, restore, then iterate."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    announce(Path(config["run_path"]) / LOG_DIR, f"learner-{rank}")
     import deepspeed
 
     cfg = from_dict(TrainConfig, config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(cfg.seed)
     use_gpu = cfg.learner.use_gpu and torch.cuda.is_available()
@@ -320,7 +323,7 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         from ..run_logging import RunLogger
 
-        logger = RunLogger(run_path, enable_gauges=True)
+        logger = RunLogger(run_path, enable_gauges=True, progress=cfg.progress, iterations=cfg.iterations)
         session = uuid.uuid4().hex[:8]  # a restarted group re-issues version numbers: keys stay unique
         weights_box = [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
         health = _HealthWriter(run_path, coordinator, world, session)
@@ -385,5 +388,6 @@ def train_loop(config: dict) -> None:
         if done == cfg.iterations:
             module.policy.save_pretrained(str(Path(config["run_path"]) / "final_adapter"),
                                           save_embedding_layers=False)
+        console_done()
     dist.barrier()
 
