@@ -97,6 +97,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .adapters import resolve_adapter
     from .data import load_dataset
     from .evaluate import evaluate_policy, report_text
     from .policy import load_policy
@@ -104,16 +105,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .policy.lora import load_adapter
     from .score import plot_sweep, write_json
 
+    adapter = resolve_adapter(args.adapter) if args.adapter else None
     policy_name = args.policy
     if policy_name is None:  # an adapter knows its base; without one, the shipped default
-        policy_name = adapter_base(args.adapter) if args.adapter else "default"
+        policy_name = adapter_base(adapter) if adapter else "default"
     policy = load_policy(policy_name, device=args.device)
-    if args.adapter:
-        policy = load_adapter(policy, args.adapter)
-    dataset = load_dataset(args.data, args.split)
+    if adapter:
+        policy = load_adapter(policy, adapter)
+    dataset = load_dataset(args.data, args.split, limit=args.limit)
     report = evaluate_policy(policy, dataset, args.thresholds, overlays=args.overlays, progress=not args.quiet)
-    if args.adapter:
+    if adapter:
         report["adapter"] = str(args.adapter)
+        report["adapter_path"] = str(adapter)
     print(report_text(report))
     if args.out:
         print(f"wrote {write_json(report, args.out)}")
@@ -128,8 +131,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import MergeError, merge_adapter_dir
 
+    from .adapters import resolve_adapter
+
     try:
-        out = merge_adapter_dir(args.adapter, args.out, policy=args.policy)
+        adapter = resolve_adapter(args.adapter)
+    except FileNotFoundError:  # merge_adapter_dir names what is wrong with the folder
+        adapter = args.adapter
+    try:
+        out = merge_adapter_dir(adapter, args.out, policy=args.policy)
     except (MergeError, FileNotFoundError) as exc:
         print(f"rl-seg merge: error: {exc}", file=sys.stderr)
         return 2
@@ -284,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policy", default=None, help="'default' (the shipped model), a registered policy name, or a "
                     "checkpoint folder (rl-seg or Hugging Face Sa2VA); default: the adapter's recorded base, else "
                     "'default'")
-    ev.add_argument("--adapter", type=Path, help="a PEFT LoRA adapter folder to apply")
+    ev.add_argument("--adapter", help="a PEFT LoRA adapter folder to apply, or the name of a shipped adapter "
+                    "(rl_seg/assets/adapters/<name>, each with its model card)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the split's first N images only")
     ev.add_argument("--data", required=True, help="dataset name or folder")
     ev.add_argument("--split", default="test", help="split to evaluate (default: test)")
     ev.add_argument("--thresholds", type=_thresholds, default=[0.5], help="comma-separated sweep thresholds")
@@ -297,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="fold a LoRA adapter into its base policy",
                            description="Apply a PEFT LoRA adapter to its base policy, merge the weights and save a "
                                        "plain checkpoint that loads with --policy OUT (no peft needed).")
-    merge.add_argument("--adapter", type=Path, required=True, help="the PEFT adapter folder (adapter_config.json)")
+    merge.add_argument("--adapter", type=Path, required=True, help="the PEFT adapter folder (adapter_config.json), "
+                       "or the name of a shipped adapter")
     merge.add_argument("--out", type=Path, required=True, help="folder to write the merged policy to")
     merge.add_argument("--policy", default=None, help="base policy (registered name or checkpoint folder); default: "
                        "the adapter's base_model_name_or_path")

@@ -285,9 +285,10 @@ def driver_session(log_dir: str | Path, wait_for: str | None = None, wait_s: flo
                                                                                    wait_s):
             logging.getLogger(__name__).info("%s did not confirm its last console line within %.0f s",
                                              wait_for, wait_s)
-    except BaseException:
+    except BaseException as exc:
         # The whole traceback goes to the file; the console gets one line (describe_error) from the caller.
-        handler.handle(logging.LogRecord(__name__, logging.ERROR, __file__, 0, "the job failed", None,
+        summary = describe_error(exc) if isinstance(exc, Exception) else type(exc).__name__
+        handler.handle(logging.LogRecord(__name__, logging.ERROR, __file__, 0, "the job failed: %s", (summary,),
                                          sys.exc_info()))
         raise
     finally:
