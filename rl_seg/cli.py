@@ -52,12 +52,14 @@ def _run_config(args: argparse.Namespace, cls):
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    from .console import LOG_DIR, driver_session
     from .sft import SFTConfig, run_sft
 
     cfg = _run_config(args, SFTConfig)
     if cfg is None:
         return 0
-    result = run_sft(cfg)
+    with driver_session(Path(cfg.out) / LOG_DIR):  # library warnings to out/logs/driver.log
+        result = run_sft(cfg)
     print(f"best mean validation Dice {result['best_mean_val_dice']:.4f} after {result['steps']} steps "
           f"({result['seconds']:.0f} s): {result['best']}")
     return 0
@@ -129,9 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import MergeError, merge_adapter_dir
-
     from .adapters import resolve_adapter
+    from .merge import MergeError, merge_adapter_dir
 
     try:
         adapter = resolve_adapter(args.adapter)

@@ -12,7 +12,7 @@ where ``ray.init`` registers Ray's printer (handler ``ray_print_logs`` of
 An rl-seg process first announces its role and log folder with one marked line (a marker like Ray's own
 ``:actor_name:``); the router writes that process's later lines to ``<folder>/<role>.log`` and prints only the
 lines marked for the console, once. Lines of Ray's own actors go to ``ray-<actor>.log`` in the driver's folder;
-the raylet's messages (OOM kills) and the autoscaler's warnings stay on the console. The other way round
+the raylet's errors (a worker killed for memory) and the autoscaler's events stay on the console. The other way round
 (``log_to_driver=False`` and every process redirecting itself to a file) would leave Ray's own actors writing
 where no user looks, and ``--verbose`` could show nothing.
 
@@ -61,12 +61,15 @@ def is_verbose() -> bool:
 
 # --- in an rl-seg process that Ray started (a role) ---------------------------------------------------------
 
+def _ray_initialized():
+    """The ray module when Ray is initialized in this process, else None (never imports ray: `rl-seg sft`)."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
+
+
 def _in_ray_worker() -> bool:
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a dependency; kept for scripts that run without it
-        return False
-    return ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE
+    ray = _ray_initialized()
+    return ray is not None and ray._private.worker.global_worker.mode == ray.WORKER_MODE
 
 
 def _emit(record: dict, stream=None) -> None:
@@ -190,10 +193,13 @@ class _Router:
                 self._write(Path(log_dir) / f"{role}.log", [], {})
         elif kind == "show":
             level, text = record.get("level", "info"), record.get("text", "")
+            role, log_dir = self.roles.get(key, (record.get("role"), None))
+            if log_dir and Path(log_dir) != self.default_dir:  # another run's role (a Tune trial): name the run
+                role = f"{role} of {Path(log_dir).parent.name}"
             if level == "info":
                 print(text, flush=True)
             else:
-                print(f"{level} ({record.get('role')}): {text}", file=sys.stderr, flush=True)
+                print(f"{level} ({role}): {text}", file=sys.stderr, flush=True)
         elif kind == "done":
             role, log_dir = self.roles.get(key, (record.get("role"), None))
             with self.cond:
@@ -276,9 +282,7 @@ def driver_session(log_dir: str | Path, wait_for: str | None = None, wait_s: flo
         logger.addHandler(handler)
     outer, _session["log_dir"], _session["last"] = _session["log_dir"], log_dir, log_dir
     try:
-        import ray
-
-        if ray.is_initialized():
+        if _ray_initialized():
             attach_router()
         yield
         if _router is not None and wait_for is not None and not _router.wait_done((str(log_dir), wait_for),
@@ -335,6 +339,8 @@ def _task_role(error) -> str:
 def describe_error(exc: BaseException) -> str:
     """One line for the console: the role that raised ``exc`` (a learner rank, a rollout or reward actor, Ray
     Train's controller), the roles it passed through, and the innermost error's type and first line."""
+    if "ray" not in sys.modules:  # nothing of Ray's ran here (`rl-seg sft`)
+        return f"error in driver: {type(exc).__name__}: {exc}".splitlines()[0]
     from ray.exceptions import RayTaskError
     from ray.train import ControllerError, WorkerGroupError
 

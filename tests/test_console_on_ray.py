@@ -95,3 +95,26 @@ def test_console_shows_progress_once_and_an_actor_error_once_with_its_role(tmp_p
     driver = (logs / "driver.log").read_text()
     assert "Traceback" in driver and "the job failed: error in learner-0: RuntimeError: rollout worker" in driver
     assert any(p.name.startswith("ray-TrainController") for p in logs.iterdir())
+
+
+def test_an_actor_error_is_named_by_the_actor_and_the_learner_that_reported_it(ray_local):
+    from ray.train import WorkerGroupError
+
+    from rl_seg.console import describe_error
+
+    @ray_local.remote
+    class Role:
+        def __repr__(self):  # as rl-seg's roles name themselves
+            return "rollout-7"
+
+        def fail(self):
+            raise ValueError("bad pixel\nsecond line")
+
+    actor = Role.remote()
+    with pytest.raises(ValueError) as caught:
+        ray_local.get(actor.fail.remote())
+    ray_local.kill(actor)
+    assert describe_error(caught.value) == "error in rollout-7: ValueError: bad pixel"
+    group = WorkerGroupError("rank 1 failed", {1: caught.value})
+    assert describe_error(group) == "error in rollout-7 (reported by learner-1): ValueError: bad pixel"
+    assert describe_error(RuntimeError("in the driver")) == "error in driver: RuntimeError: in the driver"
