@@ -21,6 +21,8 @@
 #                                   No supervised continuation (it does not resume), here and in 'augment'.
 #   EXPERIMENT=augment:             as 'long' with data.augment=true (flips and quarter turns of each drawn image):
 #                                   KL 1.0, KL 0.3 at lr 3e-3, and on DRIVE alone with KL 0.3 and 1.0.
+#   EXPERIMENT=ship:                the two adapters shipped in rl_seg/assets/adapters (issue 17): the default
+#                                   recipe (KL 1.0, lr 1e-3) and the ARCADE recipe (KL 0.3, lr 3e-3), as in 'long'.
 #   EXPERIMENT=smoke:               the smoke test alone (builds DeepSpeed's ops on a fresh machine).
 #   RESUME=1: continue the runs a previous call on the same (still warm) machine left in /tmp/rlseg-runs, each from
 #             its last checkpoint, until they reach ITERATIONS or the DEADLINE stops them again.
@@ -131,6 +133,11 @@ case $EXPERIMENT in
     run long_kl0.3 "${ALL[@]}" ppo.lr=$LR ppo.loss.kl_coef=0.3 &
     run long_kl0.3_lr3e-3 "${ALL[@]}" ppo.lr=3e-3 ppo.loss.kl_coef=0.3 &
     run drive_kl0.3 "${ALL[@]}" ppo.lr=$LR ppo.loss.kl_coef=0.3 "data.datasets=[drive]" & ;;
+  ship)  # 'long' with only the two recipes that BENCHMARKS recommends, named as the shipped adapters
+    NAMES="ppo-default ppo-arcade"
+    ALL=(ppo.advantage=pixel rollout.temperature=0.25 policy.lora.targets=all)
+    run ppo-default "${ALL[@]}" ppo.lr=1e-3 ppo.loss.kl_coef=1.0 &
+    run ppo-arcade "${ALL[@]}" ppo.lr=3e-3 ppo.loss.kl_coef=0.3 & ;;
   augment)  # the DRIVE-alone run of 'long' lost on DRIVE test while its training reward rose: over-fitting?
     NAMES="aug_kl1 aug_kl0.3_lr3e-3 drive_aug_kl0.3 drive_aug_kl1"
     ALL=(ppo.advantage=pixel rollout.temperature=0.25 policy.lora.targets=all)
@@ -138,10 +145,10 @@ case $EXPERIMENT in
     run aug_kl0.3_lr3e-3 "${ALL[@]}" ppo.lr=3e-3 ppo.loss.kl_coef=0.3 &
     run drive_aug_kl0.3 "${ALL[@]}" ppo.lr=$LR ppo.loss.kl_coef=0.3 "data.datasets=[drive]" &
     run drive_aug_kl1 "${ALL[@]}" ppo.lr=$LR ppo.loss.kl_coef=1.0 "data.datasets=[drive]" & ;;
-  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized | cold | full | pixels | all_layers | long | augment | smoke)"; exit 2 ;;
+  *) echo "unknown EXPERIMENT=$EXPERIMENT (baselines | topology | regularized | cold | full | pixels | all_layers | long | augment | ship | smoke)"; exit 2 ;;
 esac
 # supervised continuation, same number of optimizer updates as each PPO run (ITER x epochs)
-case $EXPERIMENT in long|augment) ;; *) python3 -m rl_seg.cli sft out=$RUNS/sft_dice model=rl_seg/assets/default_model bce_weight=0.0 dice_weight=1.0 \
+case $EXPERIMENT in long|augment|ship) ;; *) python3 -m rl_seg.cli sft out=$RUNS/sft_dice model=rl_seg/assets/default_model bce_weight=0.0 dice_weight=1.0 \
   steps=$((ITER * 2)) lr=1e-4 warmup_steps=4 batch_size=8 val_every=$((ITER * 2)) progress=false \
   "data=[drive,arcade]" > "$RUNS/sft_dice.log" 2>&1 & ;; esac
 sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader

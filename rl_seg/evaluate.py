@@ -12,7 +12,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -36,9 +35,8 @@ def predict_probabilities(policy: SegPolicy, samples: Iterable[Sample], progress
         for sample in tqdm(samples, desc=desc, unit="image", disable=not progress, leave=False):
             with autocast_for(device):
                 logits = policy(policy.preprocess([sample.image])).logits.float()
-            if logits.shape[-2:] != sample.mask.shape:  # low-res decoders (Sa2VA): upsample as Sa2VA does
-                logits = F.interpolate(logits[:, None], size=sample.mask.shape, mode="bilinear",
-                                       align_corners=False)[:, 0]
+            if logits.shape[-2:] != sample.mask.shape:  # a native-grid policy: upsampled the policy's own way
+                logits = policy.upsample_logits(logits, sample.mask.shape)
             probs.append(torch.sigmoid(logits[0]).cpu().numpy())
     finally:
         policy.train(was_training)

@@ -21,12 +21,13 @@ from rewards.pool import RewardPool
 
 from .config import save_config, to_dict
 from .console import LOG_DIR, announce, driver_session
+from .policy.sa2va.core import SAM2_NATIVE_GRID
 from .ppo.config import TrainConfig
 from .ppo.states import State, load_states, thin_vessel_fraction
 from .ray_env import init_ray
 from .run_files import HEALTH, STOP_REQUEST, read_json, stop_requested, update_run_state
 from .roles.coordinator import LOGGED_COMPONENTS, reward_weights
-from .roles.learner import latest_checkpoint
+from .roles.learner import NON_FINITE, latest_checkpoint, raise_if_non_finite
 from .roles.placement import RolloutPlacement
 from .roles.rollout import RolloutWorker
 
@@ -62,6 +63,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None, objective: dic
     run_path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_path / "config.yaml")
     (run_path / STOP_REQUEST).unlink(missing_ok=True)  # a stop request ended the previous session, not this one
+    (run_path / NON_FINITE).unlink(missing_ok=True)  # so did a non-finite stop: a resumed run starts clean
 
     start = time.time()
     update_run_state(run_path, state="starting", started=start, iterations=cfg.iterations, error=None, ended=None)
@@ -87,8 +89,11 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
     init_ray(cfg.ray_address, num_cpus=cfg.ray_num_cpus)
     context = ray.get_runtime_context()
     update_run_state(run_path, state="running", ray_job_id=context.get_job_id(), ray_address=context.gcs_address)
-    train = load_states(cfg.data.datasets, cfg.data.train_split, cfg.data.image_size, cfg.data.train_limit)
-    val = load_states(cfg.data.datasets, cfg.data.val_split, cfg.data.image_size, cfg.data.val_limit)
+    # Sa2VA's native grid: masks are sampled and scored on the decoder's own 256 x 256 grid, images stay as they are.
+    label_size = SAM2_NATIVE_GRID if cfg.policy.action_resolution == "native" else None
+    train = load_states(cfg.data.datasets, cfg.data.train_split, cfg.data.image_size, cfg.data.train_limit,
+                        label_size)
+    val = load_states(cfg.data.datasets, cfg.data.val_split, cfg.data.image_size, cfg.data.val_limit, label_size)
     log.info("%d training and %d validation images", len(train), len(val))
     train_states, val_states = put_states(train), put_states(val)
 
@@ -100,7 +105,7 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
         rollout_workers = [
             RolloutWorker.options(**placement.options(i), max_restarts=cfg.rollout.max_restarts, name=None)
             .remote(cfg.policy.name, cfg.policy.lora, cfg.threads_per_worker, cfg.rollout.num_gpus > 0,
-                    str(run_path / LOG_DIR), f"rollout-{i}")
+                    cfg.policy.load_kwargs(), str(run_path / LOG_DIR), f"rollout-{i}")
             for i in range(cfg.rollout.num_workers)
         ]
         ray.get([w.ready.remote() for w in rollout_workers])
@@ -128,6 +133,7 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
                                  callbacks=callbacks or []),
         )
         result = trainer.fit()
+        raise_if_non_finite(run_path)
     finally:
         for worker in rollout_workers:
             ray.kill(worker)

@@ -38,6 +38,8 @@ class SegPolicy(nn.Module, ABC):
     #: peft ``target_modules`` regex for LoRA on the language model's attention, full paths only (a bare
     #: ``q_proj`` would also match attention layers inside the vision or mask-decoder towers).
     lora_targets: ClassVar[dict[str, str]] = {}
+    #: The preset ``policy.lora.targets=default`` means for this policy.
+    default_lora_preset: ClassVar[str] = "llm"
 
     @abstractmethod
     def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str] | None = None) -> PolicyOutput:
@@ -74,6 +76,20 @@ class SegPolicy(nn.Module, ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def upsample_logits(self, logits: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """B x h x w logits of a coarser grid at ``image_size`` (bilinear), for scoring against a full-size mask."""
+        return torch.nn.functional.interpolate(logits[:, None].float(), size=tuple(image_size), mode="bilinear",
+                                               align_corners=False)[:, 0]
+
+    def collate(self, batch: Sequence) -> torch.Tensor:
+        """Several ``preprocess`` results as one batch (policies with structured inputs override this)."""
+        return torch.cat(list(batch))
+
+    @classmethod
+    def recognizes(cls, config: dict) -> bool:
+        """Whether a checkpoint folder without rl-seg's marker, whose ``config.json`` is ``config``, is this kind."""
+        return False
+
 
 def autocast_for(device: torch.device) -> torch.autocast:
     """bf16 autocast on a GPU, full precision on a CPU: the one mixed-precision rule of rollout, learner,
@@ -97,20 +113,37 @@ def register_policy(name: str):
     return wrap
 
 
-def load_policy(name_or_path: str | Path, **kwargs) -> SegPolicy:
+def load_policy(name_or_path: str | Path, check: bool = True, **kwargs) -> SegPolicy:
     """A policy by registry name (``default`` loads the shipped checkpoint), or from a checkpoint folder.
 
-    A folder names its policy class in ``rl_seg_policy.json`` (written by ``save_pretrained``); a Hugging Face
-    Sa2VA checkpoint (``config.json`` with ``architectures`` containing ``Sa2VAChatModel``) is recognized too.
+    A folder names its policy class in ``rl_seg_policy.json`` (written by ``save_pretrained``); a Hugging Face Sa2VA
+    checkpoint is recognised from its ``config.json`` (``architectures``). ``kwargs`` are the policy's load options
+    (``device``, ``trust_remote_code``, Sa2VA's ``action_resolution`` and ``max_tiles``). Unless ``check`` is off,
+    the loaded policy must have finite weights and give finite logits on a canary image (``rl_seg.guards``).
     """
     from . import _builtin  # noqa: F401 - registers the built-in policies
 
     key = str(name_or_path)
     if key in POLICIES:
-        return POLICIES[key].load_default(**kwargs)
-    path = Path(name_or_path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"policy {key!r} is neither a registered name ({sorted(POLICIES)}) nor a folder")
+        cls, path = POLICIES[key], None
+    else:
+        path = Path(name_or_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"policy {key!r} is neither a registered name ({sorted(POLICIES)}) nor a folder")
+        cls = _policy_class(path)
+    options = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        policy = cls.load_default(**options) if path is None else cls.from_pretrained(path, **options)
+    except TypeError as exc:  # an option this policy does not take
+        raise ValueError(f"policy {key!r} ({cls.__name__}) does not take the options {sorted(options)}: {exc}") from exc
+    if check:
+        from ..guards import check_policy
+
+        check_policy(policy, key)
+    return policy
+
+
+def _policy_class(path: Path) -> type[SegPolicy]:
     marker = path / "rl_seg_policy.json"
     if marker.is_file():
         try:
@@ -119,10 +152,16 @@ def load_policy(name_or_path: str | Path, **kwargs) -> SegPolicy:
             raise ValueError(f"{marker}: expected {{\"policy\": NAME}}: {exc}") from exc
         if kind not in POLICIES:
             raise ValueError(f"{marker}: unknown policy {kind!r}; known: {sorted(POLICIES)}")
-        return POLICIES[kind].from_pretrained(path, **kwargs)
-    config = path / "config.json"
-    if config.is_file() and "sa2va" in POLICIES:
-        archs = json.loads(config.read_text()).get("architectures") or []
-        if any("Sa2VA" in a for a in archs):
-            return POLICIES["sa2va"].from_pretrained(path, **kwargs)
-    raise ValueError(f"{path}: not a policy checkpoint (no rl_seg_policy.json, and config.json is not Sa2VA's)")
+        return POLICIES[kind]
+    config_file = path / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{config_file}: not valid JSON: {exc}") from exc
+        for cls in POLICIES.values():
+            if cls.recognizes(config):
+                return cls
+        raise ValueError(f"{config_file}: architectures {config.get('architectures')} is no policy rl-seg knows "
+                         f"(Sa2VA: Sa2VAChatModel, Sa2VAChatModelQwen)")
+    raise ValueError(f"{path}: not a policy checkpoint (no rl_seg_policy.json and no config.json)")

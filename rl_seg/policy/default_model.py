@@ -199,6 +199,9 @@ _ENCODER_AND_PROJECTIONS = (r"vision_model\.stages\.\d+\.(0|3)", r"mlp1\.(1|3)",
 
 @register_policy("default")
 class DefaultSegModel(SegPolicy):
+    # Measured (BENCHMARKS.md, issue 4, third attempt): PPO moves this model off its threshold curve only when the
+    # adapter reaches the per-pixel features.
+    default_lora_preset = "all"
     lora_targets = {
         "llm": _LLM_ATTENTION,
         "llm+decoder": _any_of(_LLM_ATTENTION, *_DECODER_READOUT),
@@ -305,7 +308,9 @@ class DefaultSegModel(SegPolicy):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, **_) -> "DefaultSegModel":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        trust_remote_code: bool = False) -> "DefaultSegModel":
+        # trust_remote_code is accepted for a uniform load_policy call: this checkpoint runs only rl-seg's own code.
         path = Path(path).resolve()
         for name in ("config.json", "model.safetensors"):
             if not (path / name).is_file():

@@ -37,17 +37,27 @@ class LoraSettings:
     dropout: float = field(default=0.05, metadata={
         "help": "dropout on the LoRA input (SFT; the PPO learner runs with dropout off)"})
     targets: str = field(default="llm", metadata={
-        "help": "a preset of the policy's lora_targets (e.g. 'llm', 'llm+decoder') or a full-path regex"})
+        "help": "'default' (the policy's own: the default model 'all', Sa2VA 'llm'), another preset of the "
+                "policy's lora_targets (default model: llm, llm+decoder, llm+decoder+pixels, all; Sa2VA: llm, "
+                "llm+mlp, llm+decoder) or a full-path regex"})
+
+    def preset(self, policy: SegPolicy) -> str:
+        """The preset or regex these settings name for ``policy`` ('default' resolved)."""
+        return policy.default_lora_preset if self.targets == "default" else self.targets
 
     def target_regex(self, policy: SegPolicy) -> str:
-        if self.targets in policy.lora_targets:
-            return policy.lora_targets[self.targets]
+        targets = self.preset(policy)
+        if targets in policy.lora_targets:
+            return policy.lora_targets[targets]
+        if self.targets == "default":
+            raise ValueError(f"{type(policy).__name__} has no LoRA preset {targets!r} (its presets: "
+                             f"{sorted(policy.lora_targets)})")
         try:
-            re.compile(self.targets)
+            re.compile(targets)
         except re.error as exc:
-            raise ValueError(f"lora targets {self.targets!r} is neither a preset of {type(policy).__name__} "
+            raise ValueError(f"lora targets {targets!r} is neither a preset of {type(policy).__name__} "
                              f"({sorted(policy.lora_targets)}) nor a valid regex: {exc}") from None
-        return self.targets
+        return targets
 
     def target_modules(self, policy: SegPolicy) -> list[str]:
         """The names of the layers of ``policy`` these settings put an adapter on."""

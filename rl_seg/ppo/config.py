@@ -45,14 +45,35 @@ class DataConfig:
 @dataclass
 class PolicyConfig:
     name: str = field(default="default", metadata={"help": "policy name or checkpoint folder (load_policy)"})
-    # 'all': measured (BENCHMARKS.md, issue 4, third attempt) - with adapters that cannot change the per-pixel
-    # features ('llm+decoder') PPO moved the model along its threshold curve, with 'all' off it. Sa2VA has no
-    # 'all': its configs name their own targets.
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(targets="all"), metadata={
+    # 'default' resolves per policy: the default model's 'all' is measured (BENCHMARKS.md, issue 4, third attempt:
+    # with adapters that cannot change per-pixel features PPO only moved along the threshold curve); a Sa2VA
+    # checkpoint's is 'llm' (its language model's attention, the design's choice).
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(targets="default"), metadata={
         "help": "the LoRA adapter PPO trains"})
     init_adapter: str | None = field(default=None, metadata={
         "help": "start the adapter from this PEFT adapter folder (same r and targets as `lora`) instead of zero "
                 "(continuing from another run's adapter; population-based training's exploit step)"})
+    action_resolution: str = field(default="image", metadata={
+        "help": "Sa2VA: where masks are sampled and scored. 'image': the decoder's 256x256 logits upsampled as "
+                "predict_forward does (bilinear to 1024, then to the image size), so 1-2 px vessels are actions; "
+                "'native': the decoder's 256x256 grid, targets resized to it. The default model is always 'image'"})
+    max_tiles: int = field(default=1, metadata={
+        "help": "Sa2VA InternVL family: 448 px tiles per image for the vision tower. 1: one squashed tile (what "
+                "predict_forward uses for DRIVE/ARCADE-sized images anyway, and the cheapest); 12: predict_forward's "
+                "dynamic tiling (grid closest to the aspect ratio, plus a thumbnail) for large or elongated images"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "Sa2VA: weight dtype on load (bfloat16, float16, float32); null: the checkpoint's own"})
+
+    def load_kwargs(self) -> dict:
+        """What ``load_policy`` takes from this config: only options that differ from their defaults, so that a
+        policy that has no such option (the default model) is asked for none unless the user set it."""
+        defaults = PolicyConfig()
+        options = {k: getattr(self, k) for k in ("action_resolution", "max_tiles", "dtype")
+                   if getattr(self, k) != getattr(defaults, k)}
+        trust = getattr(self, "trust_remote_code", None)
+        if trust:
+            options["trust_remote_code"] = True
+        return options
 
 
 @dataclass

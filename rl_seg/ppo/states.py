@@ -28,24 +28,32 @@ class State:
     fov: np.ndarray | None  # bool H x W
 
 
-def _resize(sample: Sample, size: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    if size is None:
-        return np.array(sample.image), np.array(sample.mask), None if sample.fov is None else np.array(sample.fov)
-    image = np.asarray(Image.fromarray(sample.image).resize((size, size), Image.BILINEAR))
+def _resize(sample: Sample, size: int | None,
+            label_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    image = np.array(sample.image) if size is None else \
+        np.asarray(Image.fromarray(sample.image).resize((size, size), Image.BILINEAR))
+    label_size = label_size or size
+    if label_size is None:
+        return image, np.array(sample.mask), None if sample.fov is None else np.array(sample.fov)
+
     # Masks by area: a vessel pixel survives when it covers at least half of the output pixel, so thin vessels
     # thin out rather than vanish at random (nearest-neighbour would drop them by sampling phase).
     def area(mask: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BOX)) >= 128
+        return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((label_size, label_size),
+                                                                                Image.BOX)) >= 128
 
     return image, area(sample.mask), None if sample.fov is None else area(sample.fov)
 
 
-def load_states(datasets: Sequence[str], split: str, size: int | None, limit: int | None = None) -> list[State]:
+def load_states(datasets: Sequence[str], split: str, size: int | None, limit: int | None = None,
+                label_size: int | None = None) -> list[State]:
+    """The split's images as PPO states; ``size`` resizes images and targets, ``label_size`` only the targets
+    (a policy that acts on its own coarser grid, e.g. Sa2VA's ``action_resolution=native``)."""
     states = []
     for name in datasets:
         dataset = load_dataset(name, split, limit=limit)
         for sample in dataset:
-            image, gt, fov = _resize(sample, size)
+            image, gt, fov = _resize(sample, size, label_size)
             states.append(State(f"{dataset.name}/{sample.id}", image, gt, fov))
     return states
 

@@ -35,6 +35,7 @@ from torch import nn
 from ..config import from_dict
 from ..console import LOG_DIR, announce
 from ..console import done as console_done
+from ..guards import non_finite
 from ..policy import MaskDistribution, load_policy
 from ..policy.base import autocast_for
 from ..policy.lora import attach_lora, load_adapter_weights
@@ -44,9 +45,13 @@ from ..run_files import HEALTH, read_json, stop_requested, write_json_atomic, wr
 from .coordinator import Coordinator, RolloutBatch
 from .rollout import adapter_state
 
-__all__ = ["PPOModule", "train_loop", "deepspeed_config", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["PPOModule", "train_loop", "deepspeed_config", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "raise_if_non_finite", "NON_FINITE"]
 
 log = logging.getLogger(__name__)
+
+#: Written in the run folder when the learner stops a run on a non-finite value (read by the driver).
+NON_FINITE = "non_finite.json"
 
 
 class PPOModule(nn.Module):
@@ -160,6 +165,7 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
 
     # Old policy (this version, no gradient), reference policy (adapter off) and values, once per iteration.
     prepared = {}
+    problem = None
     with torch.no_grad():
         for j in mine:
             with autocast_for(device):
@@ -174,6 +180,11 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
             prepared[j] = dict(actions=actions, gt=gt, valid=valid, old_logp=old.log_prob(actions),
                                prob_taken=torch.exp(old.log_prob(actions)), value=value.float(),
                                ref_logits=ref_logits)
+            bad = non_finite([("logits", logits), ("reference logits", ref_logits),
+                              ("log-probs", prepared[j]["old_logp"]), ("value", prepared[j]["value"])])
+            if bad:
+                problem = problem or f"{' and '.join(bad)} of image {batch.ids[j]}"
+    _agree_finite(problem, "before the update", iteration, rank, world, weights_changed=False)
 
     # Advantages over this rank's images at once; the batch-wide statistics (pixel RMS, value whitening) are
     # summed over all ranks, so N ranks give each image the advantage one process would.
@@ -195,6 +206,8 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
         actions=cat("actions"), gt=cat("gt"), valid=cat("valid"), prob_taken=cat("prob_taken"), rewards=rewards,
         components=components, weights=batch.weights, groups=groups, values=values,
         reduce_sum=_all_reduce_sum if world > 1 else (lambda t: t)))
+    _agree_finite("advantages" if non_finite([("advantages", adv)]) else None, "before the update", iteration, rank,
+                  world, weights_changed=False)
     for n, j in enumerate(mine):
         h, w = prepared[j]["actions"].shape[-2:]
         prepared[j]["adv"] = adv[n * k:(n + 1) * k, :h, :w]
@@ -209,7 +222,7 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
         for start in range(0, len(order), mb):
             group = order[start:start + mb]
             with autocast_for(device):
-                logits, value = engine(torch.cat([pixel_values[j] for j in group]))
+                logits, value = engine(module.policy.collate([pixel_values[j] for j in group]))
             loss = 0.0
             for n, j in enumerate(group):
                 p = prepared[j]
@@ -223,7 +236,12 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
                 loss = loss + part / len(group)
                 for key, v in s.items():
                     stats.setdefault(key, []).append(v)
+            changed = epoch > 0 or start > 0  # earlier steps of this iteration already moved the weights
+            _agree_finite(f"loss (images {[batch.ids[j] for j in group]})" if non_finite([("loss", loss)]) else None,
+                          f"epoch {epoch + 1}", iteration, rank, world, weights_changed=changed)
             engine.backward(loss)
+            _agree_finite(_non_finite_gradients(engine), f"epoch {epoch + 1}", iteration, rank, world,
+                          weights_changed=changed)
             engine.step()
     out = {k: float(np.mean(v)) for k, v in stats.items()}
     valid = cat("valid")
@@ -231,6 +249,48 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
     out["advantage_std"] = float(adv[valid].std())
     out["lr"] = float(engine.get_lr()[0])
     return out
+
+
+class TrainingNonFinite(Exception):
+    """A non-finite number in an update; raised on every rank at once (``_agree_finite``)."""
+
+    def __init__(self, problems: list[tuple[int, str]], phase: str, iteration: int, weights_changed: bool):
+        self.problems, self.phase, self.iteration, self.weights_changed = problems, phase, iteration, weights_changed
+        where = "; ".join(f"rank {r}: {p}" for r, p in problems)
+        super().__init__(f"non-finite values at iteration {iteration + 1} ({phase}): {where}")
+
+
+def _agree_finite(problem: str | None, phase: str, iteration: int, rank: int, world: int,
+                  weights_changed: bool) -> None:
+    """Every rank learns whether any rank saw a non-finite value, so that all stop together (a rank that left
+    alone would leave the others waiting in a collective)."""
+    flag = torch.tensor([0.0 if problem is None else 1.0])
+    if world > 1:
+        flag = flag.to(_collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return
+    problems = [(rank, problem)]
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, problem)
+        problems = [(r, p) for r, p in enumerate(gathered) if p is not None]
+    raise TrainingNonFinite(problems, phase, iteration, weights_changed)
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _non_finite_gradients(engine) -> str | None:
+    """The first trainable parameter whose gradient holds a NaN or inf (ZeRO-partitioned ones gathered)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    grads = [(name, safe_get_full_grad(p)) for name, p in engine.module.named_parameters() if p.requires_grad]
+    grads = [(name, g) for name, g in grads if g is not None]
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+        return None  # one device sync for all of them; names only on the rare failure
+    return "gradient of " + non_finite(grads)[0]
 
 
 def constrained_objective(metrics: dict, constraint: dict) -> float:
@@ -279,6 +339,45 @@ class _HealthWriter:
                                       "learner": self.learner, **self.coordinator.health()})
 
 
+def _report_checkpoint(engine, rank: int, iteration: int, version: int, coordinator, metrics: dict) -> None:
+    """Every rank writes its part of a checkpoint of ``iteration`` completed iterations; Ray Train persists it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), engine, rank, iteration, version, coordinator.state_dict() if coordinator else None)
+        dist.barrier()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _stop_on_non_finite(exc: TrainingNonFinite, engine, rank: int, iteration: int, version: int, coordinator,
+                        run_path: Path) -> None:
+    """End the run on a non-finite value with what, where and the last good checkpoint. Found before the first
+    optimizer step of the iteration, the weights are still those of the end of the previous one: that state is
+    checkpointed now. Found later, they are half-updated, and the newest checkpoint on disk is the last good one.
+    The training function then returns normally (a retry would meet the same numbers) and the driver raises."""
+    if not exc.weights_changed:
+        _report_checkpoint(engine, rank, iteration, version, coordinator, {"iteration": iteration, "non_finite": 1})
+    dist.barrier()
+    if rank == 0:
+        good = latest_checkpoint(run_path)
+        good_iteration = json.loads((good / "checkpoint.json").read_text())["iteration"] if good else None
+        write_json_atomic(run_path / NON_FINITE, {
+            "error": str(exc), "iteration": iteration + 1, "phase": exc.phase,
+            "ranks": [r for r, _ in exc.problems], "what": [p for _, p in exc.problems],
+            "last_good_checkpoint": str(good) if good else None, "last_good_iteration": good_iteration})
+        log.error("%s; last good checkpoint: %s", exc, good)
+
+
+def raise_if_non_finite(run_path: Path) -> None:
+    """The driver's side: a run the learner stopped on a non-finite value fails with its message."""
+    from ..guards import NonFiniteError
+
+    record = read_json(Path(run_path) / NON_FINITE)
+    if record:
+        good = record.get("last_good_checkpoint")
+        advice = (f"last good checkpoint: {good} (iteration {record.get('last_good_iteration')}); lower ppo.lr or "
+                  f"check the data, then resume" if good else "no checkpoint was written before it")
+        raise NonFiniteError(f"{record['error']}. The run was stopped; {advice}")
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: build the engine, restore, then iterate."""
     ctx = ray.train.get_context()
@@ -292,7 +391,7 @@ def train_loop(config: dict) -> None:
     use_gpu = cfg.learner.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
-    policy = attach_lora(load_policy(cfg.policy.name, device=device), cfg.policy.lora)
+    policy = attach_lora(load_policy(cfg.policy.name, device=device, **cfg.policy.load_kwargs()), cfg.policy.lora)
     if cfg.policy.init_adapter:  # the rollouts receive it with the first weight sync (version 0)
         load_adapter_weights(policy, cfg.policy.init_adapter)
     module = PPOModule(policy, policy.get_base_model().hidden_size).to(device)
@@ -331,7 +430,7 @@ def train_loop(config: dict) -> None:
     last_val: dict = {}
     stop_at = cfg.iterations if cfg.stop_after_iterations is None else min(
         cfg.iterations, start_iteration + cfg.stop_after_iterations)
-    done, stop = start_iteration, [False]
+    done, stop, stopped_on_nan = start_iteration, [False], False
     for iteration in range(start_iteration, stop_at):
         t_iter = time.perf_counter()
         # The batch itself goes through the collective: an ObjectRef pickled outside Ray's serializer is not
@@ -340,7 +439,12 @@ def train_loop(config: dict) -> None:
         dist.broadcast_object_list(box, src=0)
         batch = box[0]
         t_learn = time.perf_counter()
-        learn_stats = _all_mean(learn(engine, batch, cfg, rank, world, iteration), device)
+        try:
+            learn_stats = _all_mean(learn(engine, batch, cfg, rank, world, iteration), device)
+        except TrainingNonFinite as exc:
+            _stop_on_non_finite(exc, engine, rank, iteration, version, coordinator, run_path)
+            stopped_on_nan = True
+            break
         t_learn = time.perf_counter() - t_learn
         version += 1
         metrics = {"iteration": iteration + 1, "adapter_version": version, **learn_stats}
@@ -370,12 +474,7 @@ def train_loop(config: dict) -> None:
         dist.broadcast_object_list(stop, src=0)
         is_ckpt = (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == stop_at or stop[0]
         if is_ckpt:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), engine, rank, iteration + 1, version,
-                                coordinator.state_dict() if coordinator else None)
-                dist.barrier()
-                report = _numbers(metrics)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            _report_checkpoint(engine, rank, iteration + 1, version, coordinator, _numbers(metrics))
         else:
             ray.train.report(_numbers(metrics))
         done = iteration + 1
@@ -385,7 +484,7 @@ def train_loop(config: dict) -> None:
             break
     if rank == 0:
         logger.close()
-        if done == cfg.iterations:
+        if done == cfg.iterations and not stopped_on_nan:
             module.policy.save_pretrained(str(Path(config["run_path"]) / "final_adapter"),
                                           save_embedding_layers=False)
         console_done()

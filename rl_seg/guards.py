@@ -1,0 +1,83 @@
+"""Numerical guards: a NaN stops work with a message that says what, where and what to do, never a run that
+"completes" on it.
+
+At load (:func:`check_policy`): every weight and buffer must be finite, and a canary forward on a synthetic image must
+give finite logits; when it does not, forward hooks name the first module whose output went non-finite (under
+transformers 5, remote code whose rotary buffers were left uninitialised fails here, in the attention). In training,
+the learner checks logits, log-probs, advantages, the loss and the gradients (``rl_seg.roles.learner``) and stops
+the run through :class:`NonFiniteError`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+
+__all__ = ["NonFiniteError", "check_finite_weights", "canary_forward", "check_policy", "non_finite"]
+
+
+class NonFiniteError(ValueError):
+    """Non-finite numbers where finite ones are required; the message always contains "non-finite"."""
+
+
+def non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity."""
+    return [name for name, t in tensors if t is not None and t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def check_finite_weights(module: torch.nn.Module, source: str) -> None:
+    """Refuse a model with a NaN or infinite parameter or buffer, naming the checkpoint and the first ones."""
+    bad = non_finite(list(module.named_parameters()) + list(module.named_buffers()))
+    if bad:
+        raise NonFiniteError(f"{source}: {len(bad)} weight tensor(s) hold non-finite values (NaN or inf), e.g. "
+                             f"{', '.join(bad[:3])}: the checkpoint is damaged; use an earlier one")
+
+
+def canary_image(size: tuple[int, int] = (64, 64)) -> np.ndarray:
+    """A fixed, smooth RGB image with a dark line across it: every tower sees ordinary pixel values."""
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    image = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), np.full_like(x, 128)], -1)
+    image[h // 2 - 1:h // 2 + 1] = 20
+    return image.astype(np.uint8)
+
+
+@torch.no_grad()
+def canary_forward(policy, source: str) -> None:
+    """One forward on :func:`canary_image`; non-finite logits or [SEG] state -> :class:`NonFiniteError` naming the
+    checkpoint and, when the hooks saw it, the first module whose output was non-finite."""
+    first: list[str] = []
+    names = {m: n for n, m in policy.named_modules()}
+
+    def hook(module, _inputs, output):
+        if first:
+            return
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        if any(isinstance(o, torch.Tensor) and o.is_floating_point() and not torch.isfinite(o).all() for o in outs):
+            first.append(f"{names.get(module, '?')} ({type(module).__name__})")
+
+    handles = [m.register_forward_hook(hook) for m in policy.modules()]
+    try:
+        out = policy(policy.preprocess([canary_image()]))
+    finally:
+        for h in handles:
+            h.remove()
+    bad = non_finite([("logits", out.logits), ("[SEG] hidden state", out.seg_hidden)])
+    if bad:
+        where = f"; the first non-finite output came from {first[0]}" if first else ""
+        raise NonFiniteError(f"{source}: a test forward at load gives non-finite {' and '.join(bad)}{where}. The "
+                             f"weights are finite, so the model computes NaN/inf: for remote code, check the "
+                             f"transformers version (rl-seg's Sa2VA support table in README.md)")
+
+
+def check_policy(policy, source: str) -> None:
+    """Both load-time checks."""
+    check_finite_weights(policy, source)
+    was_training = policy.training
+    policy.eval()
+    try:
+        canary_forward(policy, source)
+    finally:
+        policy.train(was_training)
