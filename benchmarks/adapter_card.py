@@ -82,11 +82,13 @@ def card_text(name: str, card: dict) -> str:
              f"A LoRA adapter (PEFT format) on rl-seg's `{card['base_policy']}` policy, trained with PPO by rl-seg. "
              f"Use it by name: `rl-seg eval --adapter {name} --data arcade --split test`.", "",
              "## How it was made", "", "    " + card["command"], ""]
-    if data:
-        lines += [f"Data: {', '.join(data.get('datasets', []))} (split `{data.get('train_split')}` for rollouts, "
-                  f"`{data.get('val_split')}` for validation), images resized to {data.get('image_size')} px. "
-                  f"Iterations: {card.get('completed_iterations', card.get('iterations'))} "
-                  f"(of {card.get('iterations')} planned). The run's whole config: `{TRAIN_CONFIG}`.", ""]
+    if data.get("datasets"):
+        size = "at their own size" if data.get("image_size") is None else f"resized to {data['image_size']} px"
+        lines += [f"Data: {', '.join(data['datasets'])} (split `{data.get('train_split')}` for rollouts, "
+                  f"`{data.get('val_split')}` for validation), images {size}. "
+                  + (f"{data['note']}. " if data.get("note") else "")
+                  + f"Iterations: {card.get('completed_iterations')} (of {card.get('iterations')} planned). "
+                  f"The run's whole config: `{TRAIN_CONFIG}`.", ""]
     lines += ["## Test metrics", "",
               f"Per-image means on each dataset's test split (inside the FOV where there is one), evaluated on "
               f"{card['evaluated']['device']} with `benchmarks/adapter_card.py`; `rl-seg eval --adapter {name} "
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ADAPTERS_DIR, help="parent folder (default: the package's)")
     parser.add_argument("--run", type=Path, default=None, help="the run folder (default: the adapter's parent)")
     parser.add_argument("--command", default=None, help="the exact command that trained it, to quote on the card")
+    parser.add_argument("--data-note", default=None, help="what the run's data was where the config alone does not "
+                        "say (e.g. which images a host held)")
     parser.add_argument("--datasets", default="drive,arcade")
     parser.add_argument("--limit", type=int, default=None, help="first N images of each split (for a quick check)")
     parser.add_argument("--resamples", type=int, default=2000)
@@ -144,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": args.command or (f"rl-seg train --config rl_seg/assets/adapters/{args.name}/{TRAIN_CONFIG}"
                                         if "config" in facts else "unknown (no run folder given)"),
             "iterations": facts.get("iterations"), "completed_iterations": facts.get("completed_iterations"),
-            "train_data": {k: facts["config"]["data"].get(k) for k in ("datasets", "train_split", "val_split",
-                                                                        "image_size")} if "config" in facts else {},
+            "train_data": {**({k: facts["config"]["data"].get(k) for k in ("datasets", "train_split", "val_split",
+                                                                           "image_size")} if "config" in facts else {}),
+                           "note": args.data_note},
             "evaluated": {"device": args.device, "torch": torch.__version__, "python": platform.python_version(),
                           "date": time.strftime("%Y-%m-%d")},
             "results": {}}
