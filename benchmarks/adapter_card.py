@@ -68,6 +68,8 @@ def run_facts(run: Path | None) -> dict:
     if run is None or not (run / "config.yaml").is_file():
         return {}
     config = yaml.safe_load((run / "config.yaml").read_text())
+    # As a recipe to run again: from the start (a run continued after a stop records resume: true).
+    config.update(resume=False, stop_after_iterations=None)
     facts = {"config": config, "iterations": config.get("iterations")}
     metrics = run / "metrics.jsonl"
     if metrics.is_file():
