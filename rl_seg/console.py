@@ -229,7 +229,7 @@ class _Router:
 
 
 _router: _Router | None = None
-_session: dict = {"log_dir": None, "last": None}
+_session: dict = {"log_dir": None, "last": None, "handler": None}
 
 
 def last_log_dir() -> Path | None:
@@ -275,12 +275,14 @@ def driver_session(log_dir: str | Path, wait_for: str | None = None, wait_s: flo
         announce(log_dir, "driver")
         yield
         return
-    handler = logging.FileHandler(log_dir / DRIVER_LOG)
+    nested = _session["log_dir"] == log_dir  # the quickstart's session around the training job's
+    handler = _session["handler"] if nested else logging.FileHandler(log_dir / DRIVER_LOG)
+    loggers = [] if nested else [logging.getLogger(), logging.getLogger("ray")]
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    loggers = [logging.getLogger(), logging.getLogger("ray")]
     for logger in loggers:
         logger.addHandler(handler)
-    outer, _session["log_dir"], _session["last"] = _session["log_dir"], log_dir, log_dir
+    outer = dict(_session)
+    _session.update(log_dir=log_dir, last=log_dir, handler=handler)
     try:
         if _ray_initialized():
             attach_router()
@@ -290,16 +292,21 @@ def driver_session(log_dir: str | Path, wait_for: str | None = None, wait_s: flo
             logging.getLogger(__name__).info("%s did not confirm its last console line within %.0f s",
                                              wait_for, wait_s)
     except BaseException as exc:
-        # The whole traceback goes to the file; the console gets one line (describe_error) from the caller.
-        summary = describe_error(exc) if isinstance(exc, Exception) else type(exc).__name__
-        handler.handle(logging.LogRecord(__name__, logging.ERROR, __file__, 0, "the job failed: %s", (summary,),
-                                         sys.exc_info()))
+        # The whole traceback goes to the file (once, however many sessions it passes); the console gets one
+        # line (describe_error) from the caller.
+        if not getattr(exc, "_rl_seg_logged", False):
+            summary = describe_error(exc) if isinstance(exc, Exception) else type(exc).__name__
+            handler.handle(logging.LogRecord(__name__, logging.ERROR, __file__, 0, "the job failed: %s",
+                                             (summary,), sys.exc_info()))
+            with contextlib.suppress(AttributeError, TypeError):
+                exc._rl_seg_logged = True
         raise
     finally:
-        _session["log_dir"] = outer
+        _session.update(log_dir=outer["log_dir"], handler=outer["handler"])
         for logger in loggers:
             logger.removeHandler(handler)
-        handler.close()
+        if not nested:
+            handler.close()
 
 
 def configure_cli_logging(verbose: bool) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import load_config
-from .console import configure_cli_logging
+from .console import LOG_DIR, configure_cli_logging, driver_session
 from .data import Sample, load_dataset
 from .evaluate import predict_probabilities
 from .plots import WARM_START_CURVE, before_after_picture, plot_run_curves
@@ -59,17 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TrainConfig, CONFIG, [f"name=quickstart-{time.strftime('%Y%m%d-%H%M%S')}", *overrides])
     print(f"rl-seg quickstart: PPO on {', '.join(cfg.data.datasets)} at {cfg.data.image_size} px, "
           f"{cfg.iterations} iterations -> {cfg.run_path}", flush=True)
-    val, val_native = validation_images(cfg)
-    warm = load_policy(cfg.policy.name)
-    before = score_probabilities(list(zip(val, predict_probabilities(warm, val))), SWEEP, progress=False)
-
     try:
-        summary = run_training(cfg)
+        # The run folder's driver.log also takes what the evaluation around the job logs (library warnings).
+        with driver_session(cfg.run_path / LOG_DIR):
+            return _quickstart(cfg)
     except Exception as exc:  # noqa: BLE001 - one line on the console, the traceback in the run's logs
         from .cli import report_job_error
 
         return report_job_error("rl-seg quickstart", exc)
 
+
+def _quickstart(cfg: TrainConfig) -> int:
+    val, val_native = validation_images(cfg)
+    warm = load_policy(cfg.policy.name)
+    before = score_probabilities(list(zip(val, predict_probabilities(warm, val))), SWEEP, progress=False)
+    summary = run_training(cfg)
     tuned = load_adapter(load_policy(cfg.policy.name), summary["final_adapter"])
     after = score_probabilities(list(zip(val, predict_probabilities(tuned, val))), [0.5], progress=False)
     (cfg.run_path / WARM_START_CURVE).write_text(json.dumps(
