@@ -244,8 +244,12 @@ def attach_router() -> None:
     if _session["log_dir"] is None:
         return
     if _router is None:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
+        try:  # Ray's hook (2.60); without it, Ray prints the workers' output itself, as it always did
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        except ImportError:
+            logging.getLogger(__name__).warning("this Ray has no worker-output dispatcher: its output is not "
+                                                "routed to %s", _session["log_dir"])
+            return
         printers = [h for name, h in dispatcher.handlers if name == RAY_PRINTER]
         if not printers:  # ray.init(log_to_driver=False): no stream to route
             return
