@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .run_metrics import read_metrics
+
 __all__ = ["plot_run_curves", "read_metrics"]
-
-
-def read_metrics(run_path: Path) -> list[dict]:
-    path = Path(run_path) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_run_curves(run_path: Path, out: Path | None = None) -> Path:

@@ -52,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.iterations} iterations -> {cfg.run_path}\n", flush=True)
     val = load_states(cfg.data.datasets, cfg.data.val_split, cfg.data.image_size, cfg.data.val_limit)
     reward = get_reward(cfg.reward.weights or cfg.reward.preset)
-    before, before_preds = evaluate_states(load_policy(cfg.policy.name), val, reward)
+    trust = cfg.policy.trust_remote_code
+    before, before_preds = evaluate_states(load_policy(cfg.policy.name, trust_remote_code=trust), val, reward)
 
     summary = run_training(cfg)
 
-    tuned = load_adapter(load_policy(cfg.policy.name), summary["final_adapter"])
+    tuned = load_adapter(load_policy(cfg.policy.name, trust_remote_code=trust), summary["final_adapter"])
     after, after_preds = evaluate_states(tuned, val, reward)
     curves = plot_run_curves(cfg.run_path)
     folder = cfg.run_path / "overlays"

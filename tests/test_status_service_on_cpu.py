@@ -40,8 +40,11 @@ def make_run(root: Path, name: str, state: str, iterations: int = 3, pid: int | 
         "rollout": [{"index": 0, "alive": True, "restarts": 1}, {"index": 1, "alive": False, "restarts": 0}],
         "reward_pool": {"actors": 2, "scored": 24, "failed": 1, "timeouts": 0, "actor_restarts": 0}})
     for it in (2, iterations):
-        marker = path / "ray_train" / name / f"checkpoint_{it:03d}" / "checkpoint.json"
-        write_json_atomic(marker, {"iteration": it, "version": it})
+        checkpoint = path / "ray_train" / name / f"checkpoint_{it:03d}"
+        write_json_atomic(checkpoint / "checkpoint.json", {"iteration": it, "version": it})
+        for part in ("trainer_state.pt", "value_head.pt", "adapter/adapter_config.json", "deepspeed/state"):
+            (checkpoint / part).parent.mkdir(parents=True, exist_ok=True)
+            (checkpoint / part).write_text("x")
     image = np.zeros((16, 16, 3), np.uint8)
     mask, gt = np.zeros((16, 16), bool), np.zeros((16, 16), bool)
     mask[4:8], gt[5:9] = True, True

@@ -12,7 +12,9 @@ and the lag is logged), so the recomputation is exact and pixels need not travel
 
 Checkpoints (every ``checkpoint_every`` iterations and at the end) hold the adapter in PEFT format, the value
 head, DeepSpeed's optimizer and scheduler state, RNG states, the data order and the iteration; they are
-reported to Ray Train, which restarts a failed group from the latest one (``FailureConfig``).
+reported to Ray Train, which restarts a failed group from the latest one (``FailureConfig``). Rank 0 then keeps
+the newest ``keep_checkpoints`` and the best by validation Dice (``rl_seg.run_checkpoints``). A group that starts
+from a checkpoint first drops the metrics of the iterations it will redo (``rl_seg.run_metrics``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from ..policy.base import autocast_for
 from ..policy.lora import attach_lora, load_adapter_weights
 from ..ppo.config import TrainConfig
 from ..ppo.core import AdvantageInputs, compute_advantages, ppo_loss
+from ..run_checkpoints import choose_checkpoint, latest_checkpoint, prune_checkpoints
 from ..run_files import HEALTH, read_json, stop_requested, write_json_atomic, write_sample_overlay
+from ..run_outcome import disk_guard
 from .coordinator import Coordinator, RolloutBatch
 from .rollout import adapter_state
 
@@ -85,8 +89,9 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 def save_checkpoint(folder: Path, engine, rank: int, iteration: int, version: int, coordinator_state: dict | None,
-                    weights: np.ndarray | None = None) -> None:
-    """All ranks write DeepSpeed's state (ZeRO shards are per rank); rank 0 adds the adapter and run state."""
+                    marker: dict | None = None) -> None:
+    """All ranks write DeepSpeed's state (ZeRO shards are per rank); rank 0 adds the adapter and run state.
+    ``marker`` adds to checkpoint.json (the session that wrote it, the validation Dice it was taken at)."""
     folder.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=True)
     if rank == 0:
@@ -96,7 +101,8 @@ def save_checkpoint(folder: Path, engine, rank: int, iteration: int, version: in
         torch.save({"iteration": iteration, "version": version, "coordinator": coordinator_state,
                     "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
                     "torch_rng": torch.get_rng_state()}, folder / "trainer_state.pt")
-        (folder / "checkpoint.json").write_text(json.dumps({"iteration": iteration, "version": version}) + "\n")
+        (folder / "checkpoint.json").write_text(json.dumps({"iteration": iteration, "version": version,
+                                                            **(marker or {})}) + "\n")
 
 
 def load_checkpoint(folder: Path, engine) -> dict:
@@ -109,23 +115,11 @@ def load_checkpoint(folder: Path, engine) -> dict:
     return state
 
 
-def latest_checkpoint(run_path: Path) -> Path | None:
-    """The newest checkpoint Ray Train persisted under the run folder (by its recorded iteration)."""
-    best, best_iter = None, -1
-    for marker in (Path(run_path) / "ray_train").glob("**/checkpoint.json"):
-        iteration = json.loads(marker.read_text())["iteration"]
-        if iteration > best_iter:
-            best, best_iter = marker.parent, iteration
-    return best
-
-
 def _checkpoint_to_restore(config: dict) -> Path | None:
-    """Ray Train's latest checkpoint after a group restart; else the run folder's newest (a restarted group
-    has been seen to get none from ``get_checkpoint`` here, and ``--resume`` starts a new Train run)."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        return Path(checkpoint.to_directory())
-    return latest_checkpoint(Path(config["run_path"]))
+    return choose_checkpoint(Path(checkpoint.to_directory()) if checkpoint is not None else None,
+                             Path(config["run_path"]), config["session"],
+                             Path(config["resume_from"]) if config.get("resume_from") else None)
 
 
 # --- one update ----------------------------------------------------------------------------------------------
@@ -289,7 +283,8 @@ def train_loop(config: dict) -> None:
     use_gpu = cfg.learner.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
-    policy = attach_lora(load_policy(cfg.policy.name, device=device), cfg.policy.lora)
+    policy = attach_lora(load_policy(cfg.policy.name, trust_remote_code=cfg.policy.trust_remote_code, device=device),
+                         cfg.policy.lora)
     if cfg.policy.init_adapter:  # the rollouts receive it with the first weight sync (version 0)
         load_adapter_weights(policy, cfg.policy.init_adapter)
     module = PPOModule(policy, policy.get_base_model().hidden_size).to(device)
@@ -320,7 +315,8 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         from ..run_logging import RunLogger
 
-        logger = RunLogger(run_path, enable_gauges=True)
+        with disk_guard(run_path, "metrics.jsonl and tensorboard/"):
+            logger = RunLogger(run_path, enable_gauges=True, resume_at=start_iteration)
         session = uuid.uuid4().hex[:8]  # a restarted group re-issues version numbers: keys stay unique
         weights_box = [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
         health = _HealthWriter(run_path, coordinator, world, session)
@@ -353,14 +349,17 @@ def train_loop(config: dict) -> None:
                 last_val = coordinator.validate(version, weights_box)
                 metrics.update(last_val)
             metrics["time/iteration"] = time.perf_counter() - t_iter
-            logger.log(metrics)
+            with disk_guard(run_path, f"the metrics of iteration {iteration + 1}"):
+                logger.log(metrics)
             # Reports carry the latest validation numbers every iteration, so schedulers (ASHA) always see them.
             metrics.update({k.replace("/", "_"): v for k, v in last_val.items()})
             if config.get("objective") and last_val:
                 metrics["objective"] = constrained_objective(metrics, config["objective"])
-            health.write(iteration + 1, version)
-            write_sample_overlay(run_path, batch.images[0], batch.unpack_actions(0)[0], batch.gts[0], batch.fovs[0],
-                                 {"image": batch.ids[0], "iteration": iteration + 1, "rollout_version": batch.version})
+            with disk_guard(run_path, "health.json and samples/"):
+                health.write(iteration + 1, version)
+                write_sample_overlay(run_path, batch.images[0], batch.unpack_actions(0)[0], batch.gts[0],
+                                     batch.fovs[0], {"image": batch.ids[0], "iteration": iteration + 1,
+                                                     "rollout_version": batch.version})
         # A stop request (the status service) ends the run after this iteration, checkpointed; rank 0 decides
         # for all ranks so that none waits in a collective the others have left.
         stop = [stop_requested(run_path) if rank == 0 else None]
@@ -369,10 +368,15 @@ def train_loop(config: dict) -> None:
         if is_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), engine, rank, iteration + 1, version,
-                                coordinator.state_dict() if coordinator else None)
+                                coordinator.state_dict() if coordinator else None,
+                                {"session": config["session"], "val_dice": last_val.get("val/dice")})
                 dist.barrier()
                 report = _numbers(metrics)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+                with disk_guard(run_path, f"the checkpoint of iteration {iteration + 1} (this rank's part)", size):
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            if rank == 0:
+                prune_checkpoints(run_path, cfg.keep_checkpoints)
         else:
             ray.train.report(_numbers(metrics))
         done = iteration + 1
@@ -383,7 +387,7 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         logger.close()
         if done == cfg.iterations:
-            module.policy.save_pretrained(str(Path(config["run_path"]) / "final_adapter"),
-                                          save_embedding_layers=False)
+            with disk_guard(run_path, "final_adapter/"):
+                module.policy.save_pretrained(str(run_path / "final_adapter"), save_embedding_layers=False)
     dist.barrier()
 

@@ -42,11 +42,12 @@ def load_adapter_state(model, state: dict[str, np.ndarray]) -> None:
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, policy: str, lora: LoraSettings, threads: int = 1, use_gpu: bool = False):
+    def __init__(self, policy: str, lora: LoraSettings, threads: int = 1, use_gpu: bool = False,
+                 trust_remote_code: bool = False):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.incarnation = uuid.uuid4().hex
-        self.model = attach_lora(load_policy(policy, device=self.device), lora)
+        self.model = attach_lora(load_policy(policy, trust_remote_code=trust_remote_code, device=self.device), lora)
         self.model.eval()
         self.version = -1
         self.weights_key = None

@@ -1,0 +1,110 @@
+"""How a run ends, said plainly: interrupted, stopped, out of restarts, out of disk - and how to continue it.
+
+Ray wraps a failure inside a learner worker several times over (the worker's exception inside Ray Train's
+``WorkerGroupError`` inside the controller's error), and its text ends in hints that rarely fit (an OOM-killer
+note for a worker killed on purpose). ``failure_message`` digs out the cause rl-seg knows how to name - a spent
+restart budget, a full disk - and says it in one line with what to do next.
+"""
+
+from __future__ import annotations
+
+import errno
+import shlex
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["RunInterrupted", "RunFailed", "RestartBudgetExhausted", "DiskFull", "disk_guard", "failure_message",
+           "resume_command", "EXIT_CODES"]
+
+#: The shell's convention: 128 + the signal number.
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class RunInterrupted(BaseException):
+    """The driver got SIGINT or SIGTERM. A BaseException, like KeyboardInterrupt, so no ``except Exception`` on
+    the way up swallows it; the run state is already written when it is raised."""
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.exit_code = EXIT_CODES.get(signal_name, 1)
+
+
+class RunFailed(RuntimeError):
+    """A run that ended for a reason rl-seg can name (the message says which, and how to continue)."""
+
+
+class RestartBudgetExhausted(RuntimeError):
+    """A role died more often than its configured restarts allow."""
+
+
+class DiskFull(OSError):
+    """No space left where the run writes; the message names the path, the bytes needed and the bytes free."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (Path(path), *Path(path).parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+@contextmanager
+def disk_guard(path: Path, what: str, needed: int | None = None):
+    """Turn ENOSPC inside the block into a DiskFull naming ``path``, ``what`` was written and the space."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC or isinstance(exc, DiskFull):
+            raise
+        free = _free_bytes(path)
+        need = f" needs {needed} bytes" if needed is not None else ""
+        raise DiskFull(errno.ENOSPC, f"disk full: writing {what} to {path}{need}; "
+                                     f"{'?' if free is None else free} bytes free there") from exc
+
+
+def resume_command(run_dir: Path, name: str) -> str:
+    """The exact command that continues a run (it reads the run's saved config)."""
+    return "rl-seg train --resume " + " ".join(shlex.quote(a) for a in (f"run_dir={Path(run_dir).resolve()}",
+                                                                        f"name={name}"))
+
+
+def _causes(exc: BaseException, seen: set | None = None):
+    """The exception and everything Ray or Python chained to it, depth first."""
+    seen = seen if seen is not None else set()
+    if exc is None or id(exc) in seen:
+        return
+    seen.add(id(exc))
+    yield exc
+    nested = [getattr(exc, "_base_exc", None), getattr(exc, "cause", None), getattr(exc, "controller_failure", None),
+              *(getattr(exc, "worker_failures", None) or {}).values(), exc.__cause__, exc.__context__]
+    for inner in nested:
+        if isinstance(inner, BaseException):
+            yield from _causes(inner, seen)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def failure_message(exc: BaseException, max_failures: int) -> str | None:
+    """One line for a failure rl-seg can name (spent restart budget, full disk), else None."""
+    causes = list(_causes(exc))
+    for cause in causes:
+        if isinstance(cause, (RestartBudgetExhausted, DiskFull)):
+            return str(cause)
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return f"disk full: {cause.strerror} ({cause.filename or 'a file of the run'})"
+    from ray.train import TrainingFailedError
+
+    if isinstance(exc, TrainingFailedError):
+        root = causes[-1] if len(causes) > 1 else exc
+        return (f"restart budget exhausted: the learner group failed after learner.max_failures={max_failures} "
+                f"restart(s); last error: {_first_line(root)}")
+    return None
