@@ -85,6 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = run_training(cfg)
     except RunInterrupted as exc:  # recorded with the resume command; no traceback for a signal
         print(f"rl-seg train: {exc}", file=sys.stderr, flush=True)
+        import ray
+
+        ray.shutdown()  # ends the job now (its actors with it), before its workers' dying words reach the console
         return exc.exit_code
     except RunFailed as exc:
         print(f"rl-seg train: {exc}", file=sys.stderr, flush=True)

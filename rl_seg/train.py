@@ -140,6 +140,11 @@ def _run(cfg: TrainConfig, session: RunSession, train: list[State], val: list[St
                                  callbacks=callbacks or []),
         )
         result = _fit(trainer)
+    except RunInterrupted:
+        # Killing the actors now would only make the learner group fail loudly while the driver leaves; the
+        # driver's exit ends its job, and with it every actor and reservation the job holds.
+        rollout_workers, pool = [], None
+        raise
     finally:
         for worker in rollout_workers:
             ray.kill(worker)

@@ -172,22 +172,35 @@ def resume_config(path: Path | None, overrides: Sequence[str]) -> TrainConfig:
 # --- sweeps --------------------------------------------------------------------------------------------------
 
 def validate_search_space(train_config: str | Path | None, overrides: Sequence[str], space: dict) -> TrainConfig:
-    """The sweep's base train config, validated, after every value its space can draw was tried on it (the
-    ends of each range, each choice); ConfigError naming ``space.<key>`` and the value otherwise."""
+    """The sweep's base train config, validated, after every value its space can draw was tried on it (each end
+    of each range, each choice). A value is refused when it fails both alone and beside the other keys' upper
+    values (a trial draws them together: a reward weight of 0 is fine beside a non-zero one); ConfigError naming
+    ``space.<key>`` and the value."""
     base = load_config(TrainConfig, train_config, overrides)
     validate_train_config(base)
-    problems = []
+    candidates = {}
     for key, spec in space.items():
         if spec.get("type") in ("choice", "grid"):
-            candidates = [(f"values[{i}]", v) for i, v in enumerate(spec.get("values") or [])]
+            candidates[key] = [(f"values[{i}]", v) for i, v in enumerate(spec.get("values") or [])]
         else:
-            candidates = [("low", spec.get("low")), ("high", spec.get("high"))]
-        for where, value in candidates:
-            try:
-                cfg = load_config(TrainConfig, train_config, [*overrides, f"{key}={json.dumps(value)}"])
-                validate_train_config(cfg, check_files=False)
-            except ConfigError as exc:
-                problems += [f"space.{key}.{where}: {line}" for line in str(exc).splitlines()]
+            candidates[key] = [("low", spec.get("low")), ("high", spec.get("high"))]
+    upper = {key: values[-1][1] for key, values in candidates.items() if values}
+
+    def check(drawn: dict) -> list[str]:
+        try:
+            cfg = load_config(TrainConfig, train_config,
+                              [*overrides, *(f"{k}={json.dumps(v)}" for k, v in drawn.items())])
+            validate_train_config(cfg, check_files=False)
+        except ConfigError as exc:
+            return str(exc).splitlines()
+        return []
+
+    problems = []
+    for key, values in candidates.items():
+        for where, value in values:
+            alone = check({key: value})
+            if alone and check({**upper, key: value}):
+                problems += [f"space.{key}.{where}: {line}" for line in alone]
     if problems:
         raise ConfigError("\n".join(problems))
     return base
