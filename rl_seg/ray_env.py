@@ -8,7 +8,9 @@ starts, and a user who disabled it explicitly gets a warning on every start.
 A local instance is bound to the loopback interface where Ray lets it be: Ray replaces a node address of
 127.0.0.1 by the machine's reachable address, and its gRPC servers then listen on every interface, unless its
 single-machine mode is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once at import); ``init_ray`` turns that
-mode on for the instance it starts (README, "What listens where", lists what still listens elsewhere).
+mode on for the instance it starts, and to join a cluster at a loopback address (whose servers listen only there;
+Ray would otherwise dial the machine's reachable address instead). README, "What listens where", lists what still
+listens elsewhere.
 
 Addresses: ``ray.init`` wants the cluster's GCS address (``host:6379``), ``ray job submit`` the dashboard's HTTP
 address. ``cluster/local.sh``'s head.env exports both (``RAY_ADDRESS`` = GCS, ``RAY_API_SERVER_ADDRESS`` =
@@ -67,6 +69,11 @@ def cluster_address(address: str | None) -> str | None:
     return address or None
 
 
+def _on_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 @contextmanager
 def _single_machine():
     """Ray's single-machine mode while a local instance starts: this process reads the switch from Ray's constants
@@ -97,8 +104,11 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, num_g
         address = cluster_address(address or os.environ.get("RAY_ADDRESS"))
         kwargs.setdefault("log_to_driver", True)
         kwargs.setdefault("namespace", "rl-seg")
-        if address:
+        if address and not _on_loopback(address):
             ray.init(address=address, **kwargs)
+        elif address:  # a cluster on this machine's loopback: join it as one of its own processes would
+            with _single_machine():
+                ray.init(address=address, **kwargs)
         else:
             with _single_machine():
                 ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,

@@ -42,6 +42,9 @@ class RestartBudgetExhausted(RuntimeError):
 class DiskFull(OSError):
     """No space left where the run writes; the message names the path, the bytes needed and the bytes free."""
 
+    def __str__(self) -> str:
+        return self.strerror
+
 
 def _free_bytes(path: Path) -> int | None:
     for candidate in (Path(path), *Path(path).parents):
