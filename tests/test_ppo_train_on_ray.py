@@ -169,6 +169,9 @@ def test_resume_continues_exactly(ray_local, tmp_path, tiny_policy):
     assert not (part.run_path / "final_adapter").exists()
     resumed = config(tmp_path, tiny_policy, "part", *common, "resume=true")
     run_training(resumed)
+    state = json.loads((part.run_path / "run_state.json").read_text())
+    assert state["state"] == "succeeded" and state["sessions"] == 2 and state["resumed_from_iteration"] == 2
+    assert state["resume_changes"] == {"stop_after_iterations": [2, None]} and state["resume_command"] is None
     a, b = records(whole.run_path), records(part.run_path)
     assert [r["iteration"] for r in b] == [1, 2, 3, 4]
     assert [r["batch_ids"] for r in a] == [r["batch_ids"] for r in b]  # same next batch
