@@ -74,9 +74,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .plots import plot_run_curves
     from .ppo.config import TrainConfig
-    from .train import run_training
-
     from .run_outcome import RunFailed, RunInterrupted
+    from .train import run_training
 
     cfg = _run_config(args, TrainConfig)
     if cfg is None:
@@ -346,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, MergeError, FileNotFoundError, FileExistsError, RunFolderError, DiskFull) as exc:
         print(f"rl-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a run took its folder: nothing to record
+        print(f"rl-seg {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

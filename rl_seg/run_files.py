@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["RUN_STATE", "HEALTH", "STOP_REQUEST", "SAMPLE_PNG", "SAMPLE_INFO", "write_json_atomic", "read_json",
-           "write_json_in_place", "update_run_state", "owner", "request_stop", "stop_requested", "write_sample_overlay",
+           "write_json_in_place", "owner", "request_stop", "stop_requested", "write_sample_overlay",
            "SUBMISSION_ENV", "NAME_PATTERN"]
 
 RUN_STATE = "run_state.json"
@@ -84,15 +84,6 @@ def read_json(path: Path) -> dict | None:
 def owner() -> dict:
     """Who is writing: this process, its host and the Ray job submission carrying it (if any)."""
     return {"pid": os.getpid(), "host": socket.gethostname(), "submission_id": os.environ.get(SUBMISSION_ENV)}
-
-
-def update_run_state(run_path: Path, **fields) -> dict:
-    """Merge ``fields`` into run_state.json, stamped with the writing process (only the driver of the run
-    writes it, under the run folder's lock, so read-modify-write is safe)."""
-    state = read_json(Path(run_path) / RUN_STATE) or {}
-    state.update(owner(), **fields, updated=time.time())
-    write_json_atomic(Path(run_path) / RUN_STATE, state)
-    return state
 
 
 def request_stop(run_path: Path, reason: str = "stop requested") -> dict:

@@ -317,15 +317,14 @@ def test_ctrl_c_before_the_first_checkpoint_then_restart_under_its_name_and_stop
 
 def test_sigterm_is_recorded_as_interrupted_with_exit_143_and_no_stack_dump(ray_local, tmp_path, tiny_policy):
     run_path = tmp_path / "term"
-    proc = driver(ray_local, tmp_path, overrides(tmp_path, tiny_policy, "term", "iterations=200", "val_every=0",
-                                                 "keep_checkpoints=2"), "term")
+    proc = driver(ray_local, tmp_path, overrides(tmp_path, tiny_policy, "term", "iterations=200", "val_every=0"),
+                  "term")
     wait_for(lambda: logged(run_path) >= 3 or proc.poll() is not None, what="three iterations")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143
+    assert proc.wait(timeout=120) == 143
     state = run_state(run_path)
     assert state["state"] == "interrupted" and state["reason"] == "SIGTERM received"
     assert state["last_checkpoint"]["iteration"] >= 2 and "rl-seg train --resume" in state["resume_command"]
-    assert len(list_checkpoints(run_path)) == 2  # keep_checkpoints
     err = own_lines((tmp_path / "term.err").read_text())
     assert not [line for line in err if any(w in line for w in ("Traceback", "Fatal", "Aborted", "core dumped"))]
     assert any("interrupted after iteration" in line for line in err), err

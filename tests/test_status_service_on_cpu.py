@@ -16,7 +16,7 @@ import schemathesis
 import yaml
 from hypothesis import HealthCheck, settings
 
-from rl_seg.run_files import STOP_REQUEST, update_run_state, write_json_atomic, write_sample_overlay
+from rl_seg.run_files import STOP_REQUEST, owner, write_json_atomic, write_sample_overlay
 from rl_seg.run_logging import RunLogger
 from rl_seg.service import ServiceSettings, StatusServer, create_app, load_or_create_token
 
@@ -31,7 +31,7 @@ def make_run(root: Path, name: str, state: str, iterations: int = 3, pid: int | 
                     "kl_ref": float("nan"), "time/rollout": 0.2, "time/learn": 0.3, "batch_ids": ["a"]})
     logger.close()
     (path / "config.yaml").write_text(yaml.safe_dump({"name": name, "iterations": iterations}))
-    update_run_state(path, state=state, started=1.0, iterations=iterations)
+    write_json_atomic(path / "run_state.json", {**owner(), "state": state, "started": 1.0, "iterations": iterations})
     if pid is not None:  # pretend another driver process wrote it
         state_file = path / "run_state.json"
         write_json_atomic(state_file, {**json.loads(state_file.read_text()), "pid": pid})

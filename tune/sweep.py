@@ -157,7 +157,7 @@ def _trial(params: dict, *, sweep: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rl_seg.roles.learner import latest_checkpoint
+    from rl_seg.run_checkpoints import latest_checkpoint
     from rl_seg.train import run_training
 
     trial_id = tune.get_context().get_trial_id()

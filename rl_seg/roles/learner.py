@@ -40,13 +40,13 @@ from ..policy.base import autocast_for
 from ..policy.lora import attach_lora, load_adapter_weights
 from ..ppo.config import TrainConfig
 from ..ppo.core import AdvantageInputs, compute_advantages, ppo_loss
-from ..run_checkpoints import choose_checkpoint, latest_checkpoint, prune_checkpoints
+from ..run_checkpoints import choose_checkpoint, prune_checkpoints
 from ..run_files import HEALTH, read_json, stop_requested, write_json_atomic, write_sample_overlay
 from ..run_outcome import disk_guard
 from .coordinator import Coordinator, RolloutBatch
 from .rollout import adapter_state
 
-__all__ = ["PPOModule", "train_loop", "deepspeed_config", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["PPOModule", "train_loop", "deepspeed_config", "save_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 
