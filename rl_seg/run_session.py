@@ -74,7 +74,8 @@ class RunSession:
     def _prepare(self, stale: dict | None) -> None:
         cfg, path = self.cfg, self.run_path
         previous = read_json(path / RUN_STATE) or {}
-        holds_run = any((path / f).exists() for f in (RUN_STATE, METRICS, TRAIN_DIR))
+        # a driver killed between taking the lock and writing its state left a run too (a stale lock)
+        holds_run = stale is not None or any((path / f).exists() for f in (RUN_STATE, METRICS, TRAIN_DIR))
         if not cfg.resume:
             if stale is not None:
                 raise RunFolderError(f"{path} was left by {describe_holder(stale)}, which ended without releasing it "
