@@ -89,9 +89,9 @@ def _causes(exc: BaseException, seen: set | None = None):
             yield from _causes(inner, seen)
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_sentence(exc: BaseException) -> str:
     lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
-    text = lines[0] if lines else ""
+    text = (lines[0] if lines else "").split(". ")[0].rstrip(".")
     return f"{type(exc).__name__}: {text[:200]}"
 
 
@@ -104,10 +104,13 @@ def failure_message(exc: BaseException, max_failures: int) -> str | None:
     for cause in causes:
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
             return f"disk full: {cause.strerror} ({cause.filename or 'a file of the run'})"
+    from ray.exceptions import RayActorError
     from ray.train import TrainingFailedError
 
     if isinstance(exc, TrainingFailedError):
-        root = causes[-1] if len(causes) > 1 else exc
+        # A dead worker is the cause; the others' errors (a collective cut off) are what followed from it.
+        died = [c for c in causes if isinstance(c, RayActorError) or "HealthCheck" in type(c).__name__]
+        root = (died or causes[1:] or [exc])[0]
         return (f"restart budget exhausted: the learner group failed after learner.max_failures={max_failures} "
-                f"restart(s); last error: {_first_line(root)}")
+                f"restart(s); last error: {_first_sentence(root)}")
     return None

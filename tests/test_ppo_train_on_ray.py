@@ -124,9 +124,12 @@ def _kill_when(run_path, iteration, find_pid, sig=signal.SIGKILL, timeout=240):
     def watch():
         deadline = time.time() + timeout
         while time.time() < deadline:
-            path = run_path / "metrics.jsonl"
-            if path.exists() and any(json.loads(x)["iteration"] >= iteration for x in path.read_text().splitlines()):
-                pid = find_pid()
+            if logged(run_path) >= iteration:
+                try:
+                    pid = find_pid()
+                except Exception:  # noqa: BLE001 - Ray's state API may not answer yet: ask again
+                    time.sleep(0.5)
+                    continue
                 os.kill(pid, sig)
                 killed["pid"] = pid
                 return
@@ -140,7 +143,9 @@ def _kill_when(run_path, iteration, find_pid, sig=signal.SIGKILL, timeout=240):
 def _actor_pid(class_name, ray):
     from ray.util.state import list_actors
 
-    alive = [a for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
+    # this instance's address: on a shared machine Ray's state API otherwise finds several and answers none
+    alive = [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                    filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
     assert alive, f"no live {class_name}"
     return int(alive[0]["pid"])
 
@@ -334,7 +339,8 @@ def test_sigterm_is_recorded_as_interrupted_with_exit_143_and_no_stack_dump(ray_
 @pytest.mark.parametrize("role, budget", [("RolloutWorker", "rollout.max_restarts=0"),
                                           ("RayTrainWorker", "learner.max_failures=0")])
 def test_a_spent_restart_budget_is_named(ray_local, tmp_path, tiny_policy, role, budget):
-    cfg = config(tmp_path, tiny_policy, "budget", "iterations=100", "val_every=0", "learner.max_failures=0", budget)
+    # long enough that the kill (found through Ray's state API, which can take a while) comes mid-run
+    cfg = config(tmp_path, tiny_policy, "budget", "iterations=2000", "val_every=0", "learner.max_failures=0", budget)
     thread, killed = _kill_when(cfg.run_path, 2, lambda: _actor_pid(role, ray_local))
     with pytest.raises(RunFailed, match=f"restart budget exhausted: .*{budget}"):
         run_training(cfg)
@@ -348,7 +354,7 @@ def test_a_spent_restart_budget_is_named(ray_local, tmp_path, tiny_policy, role,
 
 def test_a_full_disk_fails_the_run_naming_the_path_and_leaves_no_temporary_files(ray_local, tmp_path, tiny_policy):
     with tmpfs(tmp_path / "disk", size="16m") as disk:
-        cfg = config(disk, tiny_policy, "full", "iterations=200", "val_every=0", "learner.max_failures=0")
+        cfg = config(disk, tiny_policy, "full", "iterations=2000", "val_every=0", "learner.max_failures=0")
         filled = {}
 
         def fill_after_two_iterations():
