@@ -74,7 +74,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .plots import plot_run_curves
     from .ppo.config import TrainConfig
-    from .run_outcome import RunFailed, RunInterrupted
+    from .run_outcome import RunFailed, RunInterrupted, exit_now
     from .train import run_training
 
     cfg = _run_config(args, TrainConfig)
@@ -84,10 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = run_training(cfg)
     except RunInterrupted as exc:  # recorded with the resume command; no traceback for a signal
         print(f"rl-seg train: {exc}", file=sys.stderr, flush=True)
-        import ray
-
-        ray.shutdown()  # ends the job now (its actors with it), before its workers' dying words reach the console
-        return exc.exit_code
+        exit_now(exc.exit_code)
     except RunFailed as exc:
         print(f"rl-seg train: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -26,7 +26,7 @@ from .policy import load_policy
 from .policy.lora import load_adapter
 from .ppo.config import TrainConfig
 from .ppo.states import State, load_states
-from .run_outcome import RunInterrupted
+from .run_outcome import RunInterrupted, exit_now
 from .train import run_training
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_training(cfg)
     except RunInterrupted as exc:  # recorded in the run folder with the command that resumes it
         print(f"\nrl-seg quickstart: {exc}", file=sys.stderr)
-        return exc.exit_code
+        exit_now(exc.exit_code)
 
     tuned = load_adapter(load_policy(cfg.policy.name, trust_remote_code=trust), summary["final_adapter"])
     after, after_preds = evaluate_states(tuned, val, reward)

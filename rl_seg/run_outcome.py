@@ -9,13 +9,16 @@ restart budget, a full disk - and says it in one line with what to do next.
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import shlex
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["RunInterrupted", "RunFailed", "RestartBudgetExhausted", "DiskFull", "disk_guard", "failure_message",
-           "resume_command", "EXIT_CODES"]
+           "resume_command", "exit_now", "EXIT_CODES"]
 
 #: The shell's convention: 128 + the signal number.
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
@@ -53,6 +56,17 @@ def _free_bytes(path: Path) -> int | None:
         except OSError:
             continue
     return None
+
+
+def exit_now(code: int) -> None:
+    """End an interrupted driver process with ``code`` at once, its run state already written. Ray Train's
+    ``fit()`` is still waiting inside Ray on another thread, and tearing Ray down under it has been seen to
+    crash the process (SIGSEGV instead of 143); the process's end is what ends its job: the cluster drops the
+    job's actors when its driver is gone, and a local instance's processes share the driver's fate."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager
