@@ -49,6 +49,10 @@ def overrides(tmp_path, tiny_policy, name, *extra) -> list[str]:
             "progress=false", *extra]
 
 
+#: One rollout actor, reward actor and learner: enough for the tests of how runs end, and quicker to start.
+SMALL = ("rollout.num_workers=1", "reward.num_actors=1", "learner.num_workers=1", "data.images_per_iteration=2")
+
+
 def config(tmp_path, tiny_policy, name, *extra) -> TrainConfig:
     return load_config(TrainConfig, None, overrides(tmp_path, tiny_policy, name, *extra))
 
@@ -115,6 +119,20 @@ def test_end_to_end_two_iterations(ray_local, tmp_path, tiny_policy):
     assert json.loads((first / "checkpoint.json").read_text())["iteration"] == 2
     assert (first / "adapter" / "adapter_config.json").is_file()
     assert summary["metrics"]["iteration"] == 2
+
+
+def test_a_local_instance_registers_and_listens_on_loopback_only(ray_local):
+    """The tests' instance is started as `rl-seg train` starts its own (rl_seg.ray_env.init_ray, no address): it
+    must register 127.0.0.1 and listen nowhere else (its GCS, raylet, dashboard, agents and workers)."""
+    import psutil
+
+    from test_cluster_local_on_ray import LOOPBACK, listening
+
+    assert ray_local.get(ray_local.remote(lambda: 1).remote()) == 1  # a worker process of its own too
+    assert [n["NodeManagerAddress"] for n in ray_local.nodes()] == ["127.0.0.1"]
+    me = psutil.Process()
+    addresses = listening([me.pid] + [child.pid for child in me.children(recursive=True)])
+    assert addresses and addresses <= LOOPBACK, addresses
 
 
 def _kill_when(run_path, iteration, find_pid, sig=signal.SIGKILL, timeout=240):
@@ -249,7 +267,10 @@ def test_killed_learner_worker_restarts_group_from_checkpoint(ray_local, tmp_pat
 
     def start_second():
         wait_for(lambda: (cfg.run_path / "run.lock").exists(), what="the first driver's lock")
-        second["proc"] = driver(ray_local, tmp_path, args, "second")
+        try:
+            run_training(load_config(TrainConfig, None, args))
+        except RunFolderError as exc:
+            second["refused"] = str(exc)
 
     threading.Thread(target=start_second, daemon=True).start()
     run_training(cfg)
@@ -262,10 +283,7 @@ def test_killed_learner_worker_restarts_group_from_checkpoint(ray_local, tmp_pat
     assert json.loads((cfg.run_path / "health.json").read_text())["learner"]["starts"] == 2
     assert (cfg.run_path / "final_adapter" / "adapter_model.safetensors").is_file()
     assert [c.iteration for c in list_checkpoints(cfg.run_path)] == [4]  # keep_checkpoints=1
-    proc = wait_for(lambda: second.get("proc"), 60, "the second driver to start")
-    assert proc.wait(timeout=120) == 2
-    err = (tmp_path / "second.err").read_text()
-    assert f"kill-learner is in use by pid {os.getpid()} on host" in err, err
+    assert f"kill-learner is in use by pid {os.getpid()} on host" in second["refused"]
     assert len(records(cfg.run_path)) == 4  # it wrote nothing
 
 
@@ -278,7 +296,7 @@ def test_ctrl_c_before_the_first_checkpoint_then_restart_under_its_name_and_stop
     from rl_seg.service.store import RunStore
 
     name, run_path = "cut", tmp_path / "cut"
-    first = driver(ray_local, tmp_path, overrides(tmp_path, tiny_policy, name, "iterations=200",
+    first = driver(ray_local, tmp_path, overrides(tmp_path, tiny_policy, name, *SMALL, "iterations=200",
                                                   "checkpoint_every=100", "val_every=0"), "first")
     wait_for(lambda: logged(run_path) >= 1 or first.poll() is not None, what="the first iteration")
     first.send_signal(signal.SIGINT)
@@ -322,8 +340,8 @@ def test_ctrl_c_before_the_first_checkpoint_then_restart_under_its_name_and_stop
 
 def test_sigterm_is_recorded_as_interrupted_with_exit_143_and_no_stack_dump(ray_local, tmp_path, tiny_policy):
     run_path = tmp_path / "term"
-    proc = driver(ray_local, tmp_path, overrides(tmp_path, tiny_policy, "term", "iterations=200", "val_every=0"),
-                  "term")
+    proc = driver(ray_local, tmp_path, overrides(tmp_path, tiny_policy, "term", *SMALL, "iterations=200",
+                                                 "val_every=0"), "term")
     wait_for(lambda: logged(run_path) >= 3 or proc.poll() is not None, what="three iterations")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
@@ -340,7 +358,8 @@ def test_sigterm_is_recorded_as_interrupted_with_exit_143_and_no_stack_dump(ray_
                                           ("RayTrainWorker", "learner.max_failures=0")])
 def test_a_spent_restart_budget_is_named(ray_local, tmp_path, tiny_policy, role, budget):
     # long enough that the kill (found through Ray's state API, which can take a while) comes mid-run
-    cfg = config(tmp_path, tiny_policy, "budget", "iterations=2000", "val_every=0", "learner.max_failures=0", budget)
+    cfg = config(tmp_path, tiny_policy, "budget", *SMALL, "iterations=2000", "val_every=0", "learner.max_failures=0",
+                 budget)
     thread, killed = _kill_when(cfg.run_path, 2, lambda: _actor_pid(role, ray_local))
     with pytest.raises(RunFailed, match=f"restart budget exhausted: .*{budget}"):
         run_training(cfg)
@@ -354,7 +373,7 @@ def test_a_spent_restart_budget_is_named(ray_local, tmp_path, tiny_policy, role,
 
 def test_a_full_disk_fails_the_run_naming_the_path_and_leaves_no_temporary_files(ray_local, tmp_path, tiny_policy):
     with tmpfs(tmp_path / "disk", size="16m") as disk:
-        cfg = config(disk, tiny_policy, "full", "iterations=2000", "val_every=0", "learner.max_failures=0")
+        cfg = config(disk, tiny_policy, "full", *SMALL, "iterations=2000", "val_every=0", "learner.max_failures=0")
         filled = {}
 
         def fill_after_two_iterations():
