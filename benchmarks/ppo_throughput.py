@@ -281,7 +281,8 @@ def per_sample_flops(cfg: TrainConfig, device: torch.device, image: np.ndarray) 
     from rl_seg.roles.learner import PPOModule
 
     torch.manual_seed(cfg.seed)
-    policy = attach_lora(load_policy(cfg.policy.name, device=device), cfg.policy.lora)
+    policy = attach_lora(load_policy(cfg.policy.name, trust_remote_code=cfg.policy.trust_remote_code, device=device),
+                         cfg.policy.lora)
     module = PPOModule(policy, policy.get_base_model().hidden_size).to(device)
     pixels = policy.preprocess([image])
     with flop_counter() as fwd, torch.no_grad(), autocast_for(device):
@@ -391,7 +392,8 @@ def run_in_process(cfg: TrainConfig, warmup: int, device: torch.device, sampler:
     records, costs = [], None
     try:
         with single_process_group(device):
-            policy = attach_lora(load_policy(cfg.policy.name, device=device), cfg.policy.lora)
+            policy = attach_lora(load_policy(cfg.policy.name, trust_remote_code=cfg.policy.trust_remote_code,
+                                             device=device), cfg.policy.lora)
             module = PPOModule(policy, policy.get_base_model().hidden_size).to(device)
             params = [p for p in module.parameters() if p.requires_grad]
             engine, *_ = deepspeed.initialize(model=module, model_parameters=params,
