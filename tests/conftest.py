@@ -1,3 +1,5 @@
+import contextlib
+import hashlib
 import importlib.util
 import os
 import sys
@@ -25,11 +27,13 @@ def stub_root(missing: list[str]) -> Path | None:
         return None
     if sorted(missing) == sorted(STUBBED_PACKAGES):
         return STUBS
-    root = Path(tempfile.gettempdir()) / f"rl-seg-test-stubs-{os.getuid()}-{'-'.join(sorted(missing))}"
+    # One directory per checkout: two clones on one machine must not share links into each other's stubs.
+    checkout = hashlib.sha1(str(STUBS).encode()).hexdigest()[:10]
+    root = Path(tempfile.gettempdir()) / f"rl-seg-test-stubs-{os.getuid()}-{checkout}-{'-'.join(sorted(missing))}"
     root.mkdir(exist_ok=True)
     for name in [*missing, "_test_stub_support.py"]:
         link = root / name
-        if not link.exists():
+        if not link.is_symlink():
             link.symlink_to(STUBS / name)
     return root
 
@@ -48,6 +52,32 @@ def use_test_stubs() -> None:
 
 
 use_test_stubs()
+
+
+@contextlib.contextmanager
+def stubs_hidden():
+    """Import a library that probes for torchvision (torchmetrics asks whether it is importable, then imports
+    torchvision.models, which the stub does not have) as it would load on a machine without torchvision."""
+    root = stub_root([name for name in STUBBED_PACKAGES if not _is_real(name)])
+    hidden = {name: module for name, module in sys.modules.items()
+              if name.split(".")[0] in STUBBED_PACKAGES and not _is_real(name.split(".")[0])}
+    for name in hidden:
+        del sys.modules[name]
+    on_path = root is not None and str(root) in sys.path
+    if on_path:
+        sys.path.remove(str(root))
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if on_path:
+            sys.path.append(str(root))
+        sys.modules.update(hidden)
+
+
+def _is_real(name: str) -> bool:
+    spec = importlib.util.find_spec(name)
+    return spec is not None and str(STUBS) not in (spec.origin or "") and "rl-seg-test-stubs" not in (spec.origin or "")
 
 
 @pytest.fixture(scope="session")

@@ -387,3 +387,25 @@ def test_a_full_disk_fails_the_run_naming_the_path_and_leaves_no_temporary_files
         state = run_state(cfg.run_path)  # written with the disk still full
         assert state["state"] == "failed" and state["error"].startswith("disk full") and str(disk) in state["error"]
         assert not list(cfg.run_path.rglob("*.tmp")) and not list(cfg.run_path.rglob(".*.tmp"))
+
+
+def test_a_nan_stops_the_run_naming_what_where_and_the_last_good_checkpoint(ray_local, tmp_path, tiny_policy):
+    """A step of 1e30 makes the next loss non-finite: the run must fail with the what and where, not "complete"
+    with NaN metrics, and keep a checkpoint to resume from."""
+    from rl_seg.guards import NonFiniteError
+
+    cfg = config(tmp_path, tiny_policy, "nan", "iterations=4", "ppo.lr=1e30", "ppo.max_grad_norm=1e30",
+                 "checkpoint_every=1")
+    with pytest.raises(NonFiniteError) as info:
+        run_training(cfg)
+    message = str(info.value)
+    assert re.search(r"non-finite values at iteration \d \((before the update|epoch \d)\): rank [01]: ", message)
+    assert "last good checkpoint:" in message and "resume" in message
+    record = json.loads((cfg.run_path / "non_finite.json").read_text())
+    good = Path(record["last_good_checkpoint"])
+    assert (good / "checkpoint.json").is_file() and record["last_good_iteration"] < record["iteration"]
+    state = json.loads((cfg.run_path / "run_state.json").read_text())
+    assert state["state"] == "failed" and "non-finite" in state["error"]
+    assert not (cfg.run_path / "final_adapter").exists()
+    rows = records(cfg.run_path)
+    assert len(rows) < 4 and all(r["iteration"] < record["iteration"] for r in rows)
