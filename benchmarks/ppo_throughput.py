@@ -42,12 +42,12 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rewards.scoring import TargetCache, pack_mask, score_items  # noqa: E402
 from rl_seg.config import from_dict, load_config, to_dict  # noqa: E402
+from rl_seg.flops import FLOP_FORMULAS, flop_counter  # noqa: E402
 from rl_seg.policy import MaskDistribution, load_policy  # noqa: E402
 from rl_seg.policy.base import autocast_for  # noqa: E402
 from rl_seg.policy.lora import attach_lora  # noqa: E402
@@ -154,40 +154,6 @@ def _sync(device: torch.device) -> None:
 
 
 # --- costs of device work: FLOPs and bytes per op ------------------------------------------------------------
-
-def _shape(x) -> tuple:
-    return tuple(getattr(x, "shape", x))  # a tensor, or already a shape where torch wraps the formula itself
-
-
-def _attention_forward_flops(query, key, value, *args, **kwargs) -> int:
-    b, h, sq, d = _shape(query)
-    sk, dv = _shape(key)[-2], _shape(value)[-1]
-    return 2 * b * h * sq * sk * (d + dv)  # Q K^T, then P V, every query head
-
-
-def _attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
-    b, h, sq, d = _shape(query)
-    sk, dv = _shape(key)[-2], _shape(value)[-1]
-    return 2 * b * h * sq * sk * (2 * d + 3 * dv)  # scores recomputed, dP, dV, dQ, dK
-
-
-for _f in (_attention_forward_flops, _attention_backward_flops):
-    _f._get_raw = True  # FlopCounterMode passes tensors, not shapes
-#: torch's SDPA formulas before 2.12 reject grouped-query attention (fewer key/value heads, as Qwen2 has):
-#: these count every query head against the shared key/value heads, as the kernels do.
-ATTENTION_FLOPS = {
-    **{getattr(torch.ops.aten, f"_scaled_dot_product_{kind}_attention"): _attention_forward_flops
-       for kind in ("efficient", "flash", "cudnn") if hasattr(torch.ops.aten, f"_scaled_dot_product_{kind}_attention")},
-    **{getattr(torch.ops.aten, f"_scaled_dot_product_{kind}_attention_backward"): _attention_backward_flops
-       for kind in ("efficient", "flash", "cudnn")
-       if hasattr(torch.ops.aten, f"_scaled_dot_product_{kind}_attention_backward")},
-}
-FLOP_FORMULAS = {**flop_registry, **ATTENTION_FLOPS}
-
-
-def flop_counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
-
 
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "_local_scalar_dense", "lift_fresh", "set_", "record_stream"}
 

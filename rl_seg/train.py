@@ -103,7 +103,7 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
             RolloutWorker.options(**placement.options(i), max_restarts=cfg.rollout.max_restarts, name=None)
             .remote(cfg.policy.name, cfg.policy.lora, cfg.threads_per_worker, cfg.rollout.num_gpus > 0,
                     cfg.policy.load_kwargs())
-            for i in range(cfg.rollout.num_workers)
+            for i in range(0 if cfg.placement == "hybrid" else cfg.rollout.num_workers)  # hybrid: the learners sample
         ]
         ray.get([w.ready.remote() for w in rollout_workers])
         pool = RewardPool(pool_reward(cfg), num_actors=cfg.reward.num_actors, num_cpus_per_actor=cfg.reward.num_cpus,

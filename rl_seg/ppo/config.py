@@ -15,7 +15,9 @@ from ..policy.lora import LoraSettings
 from .core import ADVANTAGES, PPOLossConfig
 
 __all__ = ["TrainConfig", "DataConfig", "PolicyConfig", "RolloutConfig", "RewardConfig", "PPOConfig",
-           "LearnerConfig", "AdaptiveRecallConfig"]
+           "LearnerConfig", "AdaptiveRecallConfig", "PLACEMENTS"]
+
+PLACEMENTS = ("colocated", "disaggregated", "hybrid")
 
 
 @dataclass
@@ -63,12 +65,20 @@ class PolicyConfig:
                 "dynamic tiling (grid closest to the aspect ratio, plus a thumbnail) for large or elongated images"})
     dtype: str | None = field(default=None, metadata={
         "help": "Sa2VA: weight dtype on load (bfloat16, float16, float32); null: the checkpoint's own"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Sa2VA: the language model's attention, 'sdpa' or 'eager', where the model allows the choice "
+                "(transformers' Qwen2/Qwen2.5/Qwen3 and Qwen-VL do; InternLM2's remote code has eager or flash-attn "
+                "only); null: the policy's default, sdpa"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "learner: activation checkpointing of every language-model layer (and of the vision tower's when "
+                "LoRA sits in it): each layer keeps only its input and is run again in the backward. Less memory "
+                "for a larger micro-batch, about a third more learner compute (rl-seg plan shows both)"})
 
     def load_kwargs(self) -> dict:
         """What ``load_policy`` takes from this config: only options that differ from their defaults, so that a
         policy that has no such option (the default model) is asked for none unless the user set it."""
         defaults = PolicyConfig()
-        options = {k: getattr(self, k) for k in ("action_resolution", "max_tiles", "dtype")
+        options = {k: getattr(self, k) for k in ("action_resolution", "max_tiles", "dtype", "attn_implementation")
                    if getattr(self, k) != getattr(defaults, k)}
         trust = getattr(self, "trust_remote_code", None)
         if trust:
@@ -137,6 +147,13 @@ class LearnerConfig:
     micro_batch_images: int = field(default=1, metadata={
         "help": "images (each with its K masks) per forward/backward on one rank"})
     max_failures: int = field(default=1, metadata={"help": "learner-group restarts from the last checkpoint"})
+    reuse_frozen_towers: bool = field(default=True, metadata={
+        "help": "compute the towers no LoRA layer sits in (Sa2VA: InternViT + mlp1, SAM2's image encoder) once per "
+                "image and iteration and reuse them in the reference pass and every PPO epoch (same numbers, "
+                "fewer FLOPs); off where a LoRA target puts an adapter into a tower, whatever this says"})
+    count_flops: bool = field(default=False, metadata={
+        "help": "count the FLOPs of the first iteration's learn phase (and, hybrid, its rollout) with "
+                "torch.utils.flop_counter: metrics flops/learn, flops/rollout (for MFU; slows that iteration)"})
     report_poll_s: float = field(default=0.05, metadata={
         "help": "how often Ray Train's controller collects reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, when not "
                 "set): each iteration's report waits for it, so it must be well under an iteration"})
@@ -160,7 +177,9 @@ class TrainConfig:
     threads_per_worker: int = field(default=1, metadata={"help": "torch threads in each actor and worker"})
     placement: str = field(default="colocated", metadata={
         "help": "colocated: rollout actors share GPUs with the learners (fractional rollout.num_gpus); "
-                "disaggregated: each rollout actor gets whole GPUs of its own, reserved in a placement group"})
+                "disaggregated: each rollout actor gets whole GPUs of its own, reserved in a placement group; "
+                "hybrid: no rollout actors, each learner rank samples its own images with the weights it trains "
+                "(one model copy per GPU, no adapter sync; rollout.num_workers/num_cpus/num_gpus unused)"})
     placement_timeout_s: float = field(default=300.0, metadata={
         "help": "disaggregated: how long to wait for the rollout GPUs before failing with what is missing"})
     progress: bool = field(default=True, metadata={"help": "progress line per iteration"})
@@ -174,8 +193,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.ppo.advantage not in ADVANTAGES:
             raise ConfigError(f"ppo.advantage: {self.ppo.advantage!r} is not one of {sorted(ADVANTAGES)}")
-        if self.placement not in ("colocated", "disaggregated"):
-            raise ConfigError(f"placement: {self.placement!r} is not one of ['colocated', 'disaggregated']")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement: {self.placement!r} is not one of {list(PLACEMENTS)}")
+        if self.policy.attn_implementation not in (None, "sdpa", "eager"):
+            raise ConfigError(f"policy.attn_implementation: {self.policy.attn_implementation!r} is not one of "
+                              "[null, 'sdpa', 'eager']")
         if self.placement == "disaggregated":
             whole = float(self.rollout.num_gpus).is_integer() and self.rollout.num_gpus >= 1
             if not whole or (self.learner.use_gpu and not float(self.learner.gpus_per_worker).is_integer()):

@@ -4,7 +4,8 @@ One iteration's data path: pick images (``DataOrder``) -> rollout actors sample 
 version N -> the reward pool scores every mask -> rewards (with the current, possibly adaptive, weights) and
 sample metrics -> a batch for the learner ranks. Rollout requests that die with their actor are redone (a
 request is self-contained and seeded, so the redo gives the same masks); masks whose scoring fails are kept
-out of the update and counted.
+out of the update and counted. With ``placement=hybrid`` the learner ranks themselves sample (``local``, a
+``rl_seg.roles.hybrid.HybridRollout``): same draw, same seeds, same scoring, no actors.
 """
 
 from __future__ import annotations
@@ -70,11 +71,18 @@ def total_reward(components: dict[str, float], weights: dict[str, float], normal
     return total / sum(abs(w) for w in weights.values()) if normalize else total
 
 
+def _peak_memory(replies) -> dict:
+    """The largest rollout process's peak GPU memory among these replies (absent on CPUs)."""
+    peaks = [r["peak_memory_gib"] for r in replies if r.get("peak_memory_gib") is not None]
+    return {"memory/rollout_peak_gib": max(peaks)} if peaks else {}
+
+
 class Coordinator:
     def __init__(self, cfg: TrainConfig, rollout_workers: list, pool, train_states: list[tuple[str, list]],
-                 val_states: list[tuple[str, list]], difficulty: list[float]):
+                 val_states: list[tuple[str, list]], difficulty: list[float], local=None):
         self.cfg = cfg
         self.workers = rollout_workers
+        self.local = local
         self.pool = pool
         self.train_states = train_states
         self.val_states = val_states
@@ -175,16 +183,14 @@ class Coordinator:
             states = [tuple(None if a is None else dihedral_view(a, v) for a in state)
                       for state, v in zip(states, views)]
             boxes = [(state_id, [ray.put(state)]) for state_id, state in zip(ids, states)]
+        seeds = [cfg.seed * 1_000_003 + iteration * 10_007 + int(i) for i in picks]
         n = len(self.workers)
         # One request per image, spread over the actors: replies stream back image by image and a scoring
         # thread sends whatever has arrived to the reward pool in one call (several images at once when they
         # arrive together), so scoring runs while later images are still sampled and only the last arrivals'
         # scoring is left after the rollout.
-        requests = {}
-        for pos, i in enumerate(picks):
-            seed = cfg.seed * 1_000_003 + iteration * 10_007 + int(i)
-            requests[pos] = (pos % n, "sample", (version, weights_box, [boxes[pos]], k,
-                                                 cfg.rollout.temperature, [seed]))
+        requests = {pos: (pos % n, "sample", (version, weights_box, [boxes[pos]], k, cfg.rollout.temperature,
+                                              [seeds[pos]])) for pos in range(len(picks))} if n else {}
         arrived: queue.SimpleQueue = queue.SimpleQueue()
         actions: dict[int, np.ndarray] = {}
 
@@ -210,7 +216,11 @@ class Coordinator:
 
         scoring = self._scorer.submit(score_arrivals)
         try:
-            replies = self._gather(requests, on_reply=on_reply)
+            if self.local is not None:
+                replies = self.local.lead(version, [(pos, int(i), seeds[pos], views[pos])
+                                                    for pos, i in enumerate(picks)], states, ids, on_reply)
+            else:
+                replies = self._gather(requests, on_reply=on_reply)
         except BaseException:
             arrived.put(None)
             raise
@@ -254,6 +264,7 @@ class Coordinator:
             "rollout_version": int(min(r["version"] for r in replies.values())),
             "time/rollout": t_rollout, "time/reward": t_reward,
             "time/sync": max(r["sync_s"] for r in replies.values()),
+            **_peak_memory(replies.values()),
             "masks_per_s": len(ids) * k / max(t_rollout + t_reward, 1e-9),
             **{f"weight/{c}": w for c, w in self.weights.items()},
             **self.counters,
@@ -298,12 +309,15 @@ class Coordinator:
     def validate(self, version: int, weights_box: list) -> dict:
         if not self.val_states:
             return {}
-        n = len(self.workers)
-        requests = {w: (w, "predict", (version, weights_box, self.val_states[w::n])) for w in range(n)
-                    if self.val_states[w::n]}
         probs = {}
-        for reply in self._gather(requests).values():
-            probs.update(reply["probs"])
+        if self.local is not None:
+            probs = self.local.predict([(state_id, ray.get(box[0])) for state_id, box in self.val_states])
+        else:
+            n = len(self.workers)
+            requests = {w: (w, "predict", (version, weights_box, self.val_states[w::n])) for w in range(n)
+                        if self.val_states[w::n]}
+            for reply in self._gather(requests).values():
+                probs.update(reply["probs"])
         rows = []
         for state_id, box in self.val_states:
             _, gt, fov = ray.get(box[0])

@@ -16,11 +16,12 @@ import numpy as np
 import ray
 import torch
 
-from ..policy import MaskDistribution, load_policy
+from ..policy import load_policy
+from ..policy.distribution import sample_masks
 from ..policy.base import autocast_for
 from ..policy.lora import LoraSettings, attach_lora
 
-__all__ = ["RolloutWorker", "adapter_state", "load_adapter_state"]
+__all__ = ["RolloutWorker", "adapter_state", "load_adapter_state", "packed_sample", "peak_memory_gib"]
 
 
 def adapter_state(model) -> dict[str, np.ndarray]:
@@ -38,6 +39,16 @@ def load_adapter_state(model, state: dict[str, np.ndarray]) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter state has keys the rollout model lacks: {unexpected[:5]}")
+
+
+def packed_sample(state_id: str, masks: np.ndarray) -> dict:
+    """K x H x W boolean masks as they travel to the coordinator: bit-packed, with their shape."""
+    return {"id": state_id, "shape": masks.shape, "bits": np.packbits(masks.ravel())}
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """This process's peak of allocated GPU memory (``torch.cuda.max_memory_allocated``) in GiB; None on a CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
 @ray.remote
@@ -76,15 +87,11 @@ class RolloutWorker:
         out = []
         for (state_id, box), seed in zip(states, seeds):
             image, _, fov = ray.get(box[0])
-            logits = self._logits(image)
-            valid = None if fov is None else torch.from_numpy(np.array(fov)).to(self.device)[None]
-            dist = MaskDistribution(logits.expand(k, -1, -1), temperature,
-                                    None if valid is None else valid.expand(k, -1, -1))
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            masks = dist.sample(gen).cpu().numpy()
-            out.append({"id": state_id, "shape": masks.shape, "bits": np.packbits(masks.ravel())})
+            valid = None if fov is None else torch.from_numpy(np.array(fov))
+            masks = sample_masks(self._logits(image), k, temperature, seed, valid).cpu().numpy()
+            out.append(packed_sample(state_id, masks))
         return {"version": self.version, "incarnation": self.incarnation, "sync_s": sync_s,
-                "sample_s": time.perf_counter() - start, "samples": out}
+                "sample_s": time.perf_counter() - start, "samples": out, "peak_memory_gib": peak_memory_gib(self.device)}
 
     def predict(self, version: int, weights_box: list, states: list) -> dict:
         """Vessel probabilities (float16) for validation states, with the requested adapter version."""
