@@ -52,6 +52,10 @@ class PolicyConfig:
     # checkpoint's is 'llm' (its language model's attention, the design's choice).
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(targets="default"), metadata={
         "help": "the LoRA adapter PPO trains"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow a checkpoint folder whose config.json has an auto_map (Hugging Face remote code, as Sa2VA "
+                "checkpoints ship) to run its own Python in the driver, rollout actors and learners; off: such a "
+                "folder is refused before anything starts"})
     init_adapter: str | None = field(default=None, metadata={
         "help": "start the adapter from this PEFT adapter folder (same r and targets as `lora`) instead of zero "
                 "(continuing from another run's adapter; population-based training's exploit step)"})
