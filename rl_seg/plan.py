@@ -745,24 +745,29 @@ def shape_from_checkpoint(folder: str | Path) -> tuple[Sa2VAShape, dict]:
                    "sam2": "tiny" if config.get("replica_sam2_size") == "tiny" else "hiera_l"}
 
 
-def _image_hw(cfg) -> tuple[int, int]:
-    """The largest image a run of ``cfg`` samples actions on (its own size at native resolution)."""
+def _image_hw(cfg) -> tuple[tuple[int, int], str | None]:
+    """The largest image a run of ``cfg`` samples actions on (its own size at native resolution), and a note when
+    the datasets cannot be read here (a submitting machine without the cluster's data): then SAM2's input size."""
     if cfg.policy.action_resolution == "native":
-        return (SAM2_LOW_RES, SAM2_LOW_RES)
+        return (SAM2_LOW_RES, SAM2_LOW_RES), None
     if cfg.data.image_size is not None:
-        return (cfg.data.image_size, cfg.data.image_size)
+        return (cfg.data.image_size, cfg.data.image_size), None
     from PIL import Image
 
-    from .data import load_dataset
+    from .data import DataError, load_dataset
 
     biggest = (0, 0)
-    for name in cfg.data.datasets:
-        for sample in load_dataset(name, cfg.data.train_split):
-            with Image.open(sample.image_path) as im:
-                w, h = im.size
-            if h * w > biggest[0] * biggest[1]:
-                biggest = (h, w)
-    return biggest if biggest[0] else (SAM2_LOW_RES, SAM2_LOW_RES)
+    try:
+        for name in cfg.data.datasets:
+            for sample in load_dataset(name, cfg.data.train_split, limit=cfg.data.train_limit):
+                with Image.open(sample.image_path) as im:
+                    w, h = im.size
+                if h * w > biggest[0] * biggest[1]:
+                    biggest = (h, w)
+    except (DataError, OSError) as exc:
+        return (SAM2_IMAGE, SAM2_IMAGE), (f"datasets not readable here ({exc}): actions assumed at "
+                                          f"{SAM2_IMAGE}x{SAM2_IMAGE}")
+    return (biggest if biggest[0] else (SAM2_LOW_RES, SAM2_LOW_RES)), None
 
 
 def settings_for(cfg, gpus: GpuSpec, shape: Sa2VAShape, facts: dict, action_hw: tuple[int, int]) -> Settings:
@@ -824,7 +829,10 @@ def plan_train_config(cfg, gpus: GpuSpec | None = None) -> dict:
     needed = ranks * cfg.learner.gpus_per_worker + rollouts * cfg.rollout.num_gpus
     if gpus is None:
         gpus = GpuSpec(max(1, math.ceil(needed - 1e-9)), "GPU", 80.0)
-    st = settings_for(cfg, gpus, shape, facts, _image_hw(cfg))
+    action_hw, note = _image_hw(cfg)
+    if note:
+        facts["notes"].append(note)
+    st = settings_for(cfg, gpus, shape, facts, action_hw)
     stage = cfg.learner.zero_stage
     requests = []
     if cfg.placement == "disaggregated":
