@@ -332,13 +332,15 @@ class InProcessResult:
 
 
 def run_in_process(cfg: TrainConfig, warmup: int, device: torch.device, sampler: GpuSampler | None = None,
-                   count_costs: bool = False, compare_reuse: int = 0, probe=None) -> InProcessResult:
+                   count_costs: bool = False, compare_reuse: int = 0, probe=None,
+                   count_flops: bool = False) -> InProcessResult:
     """(b): cfg.iterations PPO iterations without Ray; the first ``warmup`` are not timed. With ``count_costs``
     the first warm-up iteration runs under the FLOP and byte counters (it is untimed, so they cost nothing).
     ``cfg.placement=hybrid``: sampling goes through the learner's engine and what it computed is kept for the
     update (``rl_seg.roles.hybrid``), as the Ray job's hybrid ranks do. ``compare_reuse``: that many more
     iterations with frozen-tower reuse off, whose learn time is reported beside the timed ones'. ``probe(policy,
-    image, device)``: a measurement of its own on the loaded policy, returned as ``probe``."""
+    image, device)``: a measurement of its own on the loaded policy, returned as ``probe``. ``count_flops``: the
+    first iteration's rollout and learn FLOPs (FlopCounterMode) in its record (``flops/rollout``, ``flops/learn``)."""
     import deepspeed
 
     from rl_seg.roles.hybrid import HybridRollout
@@ -398,7 +400,7 @@ def run_in_process(cfg: TrainConfig, warmup: int, device: torch.device, sampler:
                     for mode in modes:
                         stack.enter_context(mode)
                     rec = iterate(iteration, cfg, {"rollout": flop_counter(), "learn": flop_counter()}
-                                  if counting else None)
+                                  if iteration == 0 and (counting or count_flops) else None)
                 if counting:
                     costs = {"flop_counter_mode_flops": modes[0].get_total_flops(), "op_costs": modes[1]}
                 records.append(rec)

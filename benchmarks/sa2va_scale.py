@@ -140,7 +140,8 @@ def worker(args) -> int:
     sampler = pt.GpuSampler(device.type == "cuda")
     try:
         res = pt.run_in_process(cfg, warmup=args.warmup, device=device, sampler=sampler, count_costs=False,
-                                compare_reuse=2 if not args.dry_run else 1, probe=frozen_handover)
+                                compare_reuse=2 if not args.dry_run else 1, probe=frozen_handover,
+                                count_flops=True)
     finally:
         sampler.stop()
     counted = res.records[0]

@@ -91,3 +91,26 @@ def test_hybrid_on_a_sa2va_replica(ray_local, tmp_path):
     assert rows[0]["flops/learn"] > 0 and rows[0]["flops/rollout"] > 0
     assert math.isfinite(rows[-1]["val/dice"])
     assert (cfg.run_path / "final_adapter" / "adapter_config.json").is_file()
+
+
+def test_frozen_features_shipped_from_the_rollout_change_nothing_but_learner_flops(ray_local, tmp_path):
+    """Colocated rollout actors send the frozen towers' outputs with their masks (rollout.ship_frozen): the update
+    is the one the learner makes when it computes them itself, and the learner no longer runs those towers."""
+    folder = build_replica(tmp_path / "sa2va", family="qwen2")
+    runs = {}
+    for ship in ("true", "false"):
+        cfg = load_config(TrainConfig, None, [
+            f"name=ship_{ship}", f"run_dir={tmp_path / 'runs'}", f"policy.name={folder}",
+            "policy.trust_remote_code=true", "policy.lora.dropout=0.0", f"rollout.ship_frozen={ship}",
+            "iterations=1", "data.datasets=[arcade-sample]", "data.image_size=64", "data.images_per_iteration=1",
+            "val_every=0", "rollout.num_workers=1", "rollout.num_cpus=0.25", "rollout.samples_per_image=2",
+            "reward.num_actors=1", "reward.num_cpus=0.25", "learner.num_workers=1", "learner.cpus_per_worker=0.5",
+            "learner.count_flops=true", "ppo.epochs=1", "ppo.warmup_steps=1", "progress=false"])
+        assert cfg.ships_frozen == (ship == "true")
+        run_training(cfg)
+        runs[ship] = records(cfg.run_path)[0]
+    shipped, computed = runs["true"], runs["false"]
+    for key in ("reward", "policy_loss", "kl_ref", "entropy", "advantage_std"):
+        assert shipped[key] == pytest.approx(computed[key], rel=1e-9, abs=1e-12), key
+    # SAM2's encoder at 1024 px and InternViT are most of the model's FLOPs: the learner skipped them
+    assert shipped["flops/learn"] < 0.5 * computed["flops/learn"]

@@ -100,6 +100,11 @@ class RolloutConfig:
         "help": "sampling temperature of the Bernoulli policy; 0.25 (measured): pixels the model is sure of stay "
                 "fixed and only those near the threshold are explored, so reward cannot rise by mere de-noising"})
     max_restarts: int = field(default=3, metadata={"help": "times Ray restarts a dead rollout actor"})
+    ship_frozen: bool | None = field(default=None, metadata={
+        "help": "send the frozen towers' outputs (learner.reuse_frozen_towers) with each rollout reply, so the "
+                "learner does not compute them at all. null: where the rollout actors run on CPUs (measured with "
+                "the tiny Sa2VA replica: handing them over cost ~1% of computing them), not on GPUs (the towers "
+                "take milliseconds there; benchmarks/sa2va_scale.py measures both). Unused with placement=hybrid"})
 
 
 @dataclass
@@ -231,6 +236,13 @@ class TrainConfig:
             raise ConfigError(f"rollout.samples_per_image must be >= 1, got {self.rollout.samples_per_image}")
         if self.ppo.advantage == "group" and self.rollout.samples_per_image < 2:
             raise ConfigError("ppo.advantage=group needs rollout.samples_per_image >= 2")
+
+    @property
+    def ships_frozen(self) -> bool:
+        """Whether rollout actors send frozen-tower outputs to the learner (``rollout.ship_frozen`` resolved)."""
+        if self.placement == "hybrid" or not self.learner.reuse_frozen_towers:
+            return False
+        return self.rollout.ship_frozen if self.rollout.ship_frozen is not None else self.rollout.num_gpus == 0
 
     @property
     def run_path(self) -> Path:

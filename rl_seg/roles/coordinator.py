@@ -60,6 +60,8 @@ class RolloutBatch:
     weights: dict[str, float]
     version: int
     stats: dict = field(default_factory=dict)
+    #: per image: the frozen towers' outputs the rollout sent (``rollout.ship_frozen``), else None
+    frozen: list | None = None
 
     def unpack_actions(self, j: int) -> np.ndarray:
         bits, shape = self.actions[j]
@@ -190,7 +192,8 @@ class Coordinator:
         # arrive together), so scoring runs while later images are still sampled and only the last arrivals'
         # scoring is left after the rollout.
         requests = {pos: (pos % n, "sample", (version, weights_box, [boxes[pos]], k, cfg.rollout.temperature,
-                                              [seeds[pos]])) for pos in range(len(picks))} if n else {}
+                                              [seeds[pos]], cfg.ships_frozen))
+                    for pos in range(len(picks))} if n else {}
         arrived: queue.SimpleQueue = queue.SimpleQueue()
         actions: dict[int, np.ndarray] = {}
 
@@ -276,9 +279,11 @@ class Coordinator:
             log.warning("iteration %d: masks collapsed (empty %.0f%%, near-full %.0f%%)", iteration,
                         100 * stats["empty_mask_fraction"], 100 * stats["full_mask_fraction"])
         packed = [(samples[pos]["bits"], tuple(samples[pos]["shape"])) for pos in range(len(picks))]
+        frozen = [samples[pos].get("frozen") for pos in range(len(picks))]
         return RolloutBatch(ids=ids, images=[s[0] for s in states], gts=[s[1] for s in states],
                             fovs=[s[2] for s in states], actions=packed, rewards=rewards, components=components,
-                            ok=oks, weights=dict(self.weights), version=version, stats=stats)
+                            ok=oks, weights=dict(self.weights), version=version, stats=stats,
+                            frozen=frozen if any(f is not None for f in frozen) else None)
 
     def _adapt_weights(self, outcomes) -> None:
         """Raise the recall weight while the batch's recall is under the bound (original plan's extra)."""

@@ -13,7 +13,8 @@ and the lag is logged), so the recomputation is exact and pixels need not travel
 
 Frozen-tower reuse (``learner.reuse_frozen_towers``): where no LoRA layer sits in a tower (InternViT + ``mlp1``,
 SAM2's image encoder), its output is computed once per image and iteration (``SegPolicy.encode_frozen``) and handed
-to the old-policy, reference and every epoch's forward: the same numbers, without running the tower again.
+to the old-policy, reference and every epoch's forward: the same numbers, without running the tower again. Where
+the rollout actors sent it with their masks (``rollout.ship_frozen``) the learner does not compute it at all.
 
 Checkpoints (every ``checkpoint_every`` iterations and at the end) hold the adapter in PEFT format, the value
 head, DeepSpeed's optimizer and scheduler state, RNG states, the data order and the iteration; they are
@@ -183,6 +184,8 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
             if cfg.learner.reuse_frozen_towers:
                 if kept is not None:
                     frozen[j] = kept["frozen"]
+                elif batch.frozen is not None and batch.frozen[j] is not None:  # sent by the rollout actor
+                    frozen[j] = batch.frozen[j].to(device)
                 else:
                     with autocast_for(device):
                         frozen[j] = module.policy.encode_frozen(pixel_values[j])
@@ -493,7 +496,8 @@ def train_loop(config: dict) -> None:
             if hybrid is not None and rank > 0:
                 hybrid.follow()
             box = [coordinator.rollout(iteration, version, weights_box) if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
+        if world > 1:
+            dist.broadcast_object_list(box, src=0)
         batch = box[0]
         t_learn = time.perf_counter()
         try:

@@ -75,21 +75,27 @@ class RolloutWorker:
         self.version, self.weights_key = version, weights_box[1]
         return time.perf_counter() - start
 
-    def _logits(self, image: np.ndarray) -> torch.Tensor:
+    def _logits(self, image: np.ndarray, keep_frozen: bool = False) -> tuple[torch.Tensor, object]:
+        """Logits for one image, and (``keep_frozen``) the frozen towers' outputs they were computed from."""
+        inputs = self.model.preprocess([image])
         with torch.no_grad(), autocast_for(self.device):
-            return self.model(self.model.preprocess([image])).logits.float()
+            frozen = self.model.encode_frozen(inputs) if keep_frozen else None
+            return self.model(inputs, **({} if frozen is None else {"frozen": frozen})).logits.float(), frozen
 
     def sample(self, version: int, weights_box: list, states: list, k: int, temperature: float,
-               seeds: list[int]) -> dict:
-        """K masks per state (``states``: [(id, ref to (image, gt, fov))]); masks come back bit-packed."""
+               seeds: list[int], ship_frozen: bool = False) -> dict:
+        """K masks per state (``states``: [(id, ref to (image, gt, fov))]); masks come back bit-packed, and with
+        ``ship_frozen`` the frozen towers' outputs (on the CPU) for the learner to reuse."""
         sync_s = self._sync(version, weights_box)
         start = time.perf_counter()
         out = []
         for (state_id, box), seed in zip(states, seeds):
             image, _, fov = ray.get(box[0])
             valid = None if fov is None else torch.from_numpy(np.array(fov))
-            masks = sample_masks(self._logits(image), k, temperature, seed, valid).cpu().numpy()
-            out.append(packed_sample(state_id, masks))
+            logits, frozen = self._logits(image, ship_frozen)
+            out.append(packed_sample(state_id, sample_masks(logits, k, temperature, seed, valid).cpu().numpy()))
+            if frozen is not None:
+                out[-1]["frozen"] = frozen.to("cpu")
         return {"version": self.version, "incarnation": self.incarnation, "sync_s": sync_s,
                 "sample_s": time.perf_counter() - start, "samples": out, "peak_memory_gib": peak_memory_gib(self.device)}
 
@@ -99,5 +105,5 @@ class RolloutWorker:
         probs = {}
         for state_id, box in states:
             image, _, _ = ray.get(box[0])
-            probs[state_id] = torch.sigmoid(self._logits(image))[0].cpu().numpy().astype(np.float16)
+            probs[state_id] = torch.sigmoid(self._logits(image)[0])[0].cpu().numpy().astype(np.float16)
         return {"version": self.version, "incarnation": self.incarnation, "probs": probs}
