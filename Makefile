@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.rl-seg-installed
 .PHONY: quickstart test install sa2va bench clean
 
 quickstart: $(STAMP)
-	$(BIN)/python -m rl_seg.quickstart
+	$(BIN)/python -m rl_seg.quickstart $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

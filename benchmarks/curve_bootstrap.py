@@ -21,9 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ppo_baselines import SWEEP, interp_precision, probabilities  # noqa: E402
+from ppo_baselines import probabilities  # noqa: E402
 from rewards.metrics import METRICS, MaskPair, Target  # noqa: E402
 from rl_seg.data import load_dataset  # noqa: E402
+from rl_seg.score import SWEEP, precision_above_curve  # noqa: E402
 
 
 def recall_precision(dataset, probs: list[np.ndarray], thresholds) -> np.ndarray:
@@ -40,7 +41,19 @@ def recall_precision(dataset, probs: list[np.ndarray], thresholds) -> np.ndarray
 def gap(warm: np.ndarray, run: np.ndarray, rows: np.ndarray) -> float:
     curve = [tuple(v) for v in warm[rows].mean(axis=0)]
     recall, precision = run[rows].mean(axis=0)
-    return precision - interp_precision(curve, recall)
+    return precision_above_curve(curve, recall, precision)
+
+
+def bootstrap_gap(warm: np.ndarray, run: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict:
+    """The run's precision above the warm start's curve on all images, and its 95% paired-bootstrap interval.
+    ``warm``: images x thresholds x (recall, precision) of the warm start over ``SWEEP``; ``run``: images x
+    (recall, precision) of the run at 0.5."""
+    rng = np.random.default_rng(seed)
+    n = len(run)
+    boot = np.array([gap(warm, run, rng.integers(0, n, n)) for _ in range(resamples)])
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"gap": gap(warm, run, np.arange(n)), "ci95": [float(lo), float(hi)], "images": n,
+            "resamples": resamples, "seed": seed, "share_above_0.01": float((boot >= 0.01).mean())}
 
 
 def main() -> int:
@@ -58,18 +71,13 @@ def main() -> int:
     for data in args.datasets.split(","):
         test = load_dataset(data, "test")
         warm = recall_precision(test, probabilities(("default", None), test), SWEEP)
-        rng = np.random.default_rng(args.seed)
-        draws = [rng.integers(0, len(test), len(test)) for _ in range(args.resamples)]
-        every = np.arange(len(test))
         for adapter in args.adapter:
             run = recall_precision(test, probabilities(("default", adapter), test), [0.5])[:, 0]
-            boot = np.array([gap(warm, run, rows) for rows in draws])
-            lo, hi = np.percentile(boot, [2.5, 97.5])
             name = f"{data} {adapter.parent}"  # the run folder: runs of different calls share names
-            results[name] = {"gap": gap(warm, run, every), "ci95": [lo, hi], "images": len(test),
-                             "share_above_0.01": float((boot >= 0.01).mean())}
-            print(f"{name}: precision above the curve {results[name]['gap']:+.4f}, 95% bootstrap interval "
-                  f"[{lo:+.4f}, {hi:+.4f}], resamples >= +0.01: {results[name]['share_above_0.01']:.0%}", flush=True)
+            results[name] = r = bootstrap_gap(warm, run, args.resamples, args.seed)
+            print(f"{name}: precision above the curve {r['gap']:+.4f}, 95% bootstrap interval "
+                  f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}], resamples >= +0.01: {r['share_above_0.01']:.0%}",
+                  flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0

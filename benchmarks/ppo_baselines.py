@@ -26,9 +26,9 @@ from rl_seg.data import load_dataset  # noqa: E402
 from rl_seg.evaluate import predict_probabilities  # noqa: E402
 from rl_seg.policy import load_policy  # noqa: E402
 from rl_seg.policy.lora import load_adapter  # noqa: E402
-from rl_seg.score import score_probabilities  # noqa: E402
+from rl_seg.score import (SWEEP, best_threshold, interp_precision, precision_above_curve,  # noqa: E402
+                           score_probabilities, threshold_curve)
 
-SWEEP = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
 KEYS = ("dice", "recall", "precision", "cldice", "betti0_error")
 
 
@@ -55,12 +55,6 @@ def probabilities(spec: tuple[str, Path | None], dataset) -> list[np.ndarray]:
     if spec[1] is not None:
         policy = load_adapter(policy, spec[1])
     return predict_probabilities(policy, dataset, progress=False)
-
-
-def interp_precision(curve: list[tuple[float, float]], recall: float) -> float:
-    pts = sorted(curve)
-    rs, ps = [r for r, _ in pts], [p for _, p in pts]
-    return float(np.interp(recall, rs, ps))
 
 
 def curve_gap(run: list[tuple[float, float]], warm: list[tuple[float, float]], points: int = 50) -> float:
@@ -107,22 +101,22 @@ def main() -> int:
         else:
             val = load_dataset(data, "val")
             warm_val = score_probabilities(list(zip(val, probabilities(specs["(a) warm start"], val))), SWEEP, False)
-            best_t = max(warm_val["thresholds"], key=lambda t: warm_val["thresholds"][t]["dice"])
+            best_t = best_threshold(warm_val)
         for label, spec in specs.items():
             probs = probabilities(spec, test)
             sweep = SWEEP if label == "(a) warm start" or args.sweep_runs else [0.5]
             scored = score_probabilities(list(zip(test, probs)), sweep, False)
             rows[label] = {k: scored["mean"][k] for k in KEYS}
             if args.sweep_runs:
-                rows[label]["sweep"] = [(m["recall"], m["precision"]) for m in scored["thresholds"].values()]
+                rows[label]["sweep"] = threshold_curve(scored)
             if label == "(a) warm start":
                 rows["(b) warm start at best val threshold " + best_t] = {
                     k: scored["thresholds"][best_t][k] for k in KEYS}
-                curve = [(m["recall"], m["precision"]) for m in scored["thresholds"].values()]
+                curve = threshold_curve(scored)
                 report[f"{data}_warm_sweep"] = scored["thresholds"]
             print(f"{data} {label}: " + " ".join(f"{k} {rows[label][k]:.4f}" for k in KEYS), flush=True)
         for label, m in rows.items():
-            m["precision_above_curve"] = m["precision"] - interp_precision(curve, m["recall"])
+            m["precision_above_curve"] = precision_above_curve(curve, m["recall"], m["precision"])
             if "sweep" in m:
                 m["curve_gap"] = curve_gap(m["sweep"], curve)
         report[data] = rows

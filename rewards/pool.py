@@ -10,7 +10,8 @@ in order:
 * a dead actor is replaced and its chunk is retried the same way; a mask that kills an actor on every
   attempt (``max_attempts``) becomes a failure, never a crashed run.
 
-Failures and restarts are counted in :attr:`RewardPool.stats` and the last failures are kept in
+``actor_setup(role)`` runs first in every scoring actor (``role`` is ``reward-<slot>``): the training job
+passes the hook that sends the actor's output to the run folder's logs. Failures and restarts are counted in :attr:`RewardPool.stats` and the last failures are kept in
 :attr:`RewardPool.failures`, so a caller (the training driver, the status service) can show them.
 """
 
@@ -21,7 +22,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import ray
@@ -39,9 +40,16 @@ log = logging.getLogger(__name__)
 class RewardScorer:
     """One scoring actor: holds the reward and a cache of prepared ground truths."""
 
-    def __init__(self, reward: CompositeReward, cache_capacity: int = 512):
+    def __init__(self, reward: CompositeReward, cache_capacity: int = 512, role: str = "reward",
+                 setup: Callable[[str], None] | None = None):
+        self.role = role
+        if setup is not None:
+            setup(role)
         self.reward = reward
         self.targets = TargetCache(cache_capacity)
+
+    def __repr__(self) -> str:  # Ray names the actor's log lines and errors by it
+        return self.role
 
     def ready(self) -> bool:
         return True
@@ -91,6 +99,7 @@ class RewardPool:
         max_attempts: int = 2,
         chunk_size: int | None = None,
         keep_failures: int = 100,
+        actor_setup: Callable[[str], None] | None = None,
     ):
         if num_actors < 1:
             raise ValueError(f"num_actors must be at least 1, got {num_actors}")
@@ -107,13 +116,15 @@ class RewardPool:
         self.failures: deque[Failure] = deque(maxlen=keep_failures)
         self._target_refs: dict[str, list] = {}
         self._reward_ref = ray.put(self.reward)
-        self._actors = [self._new_actor() for _ in range(num_actors)]
+        self._actor_setup = actor_setup
+        self._actors = [self._new_actor(slot) for slot in range(num_actors)]
         ray.get([a.ready.remote() for a in self._actors])
 
     # --- set-up ----------------------------------------------------------------------------------------
 
-    def _new_actor(self):
-        return RewardScorer.options(num_cpus=self.num_cpus_per_actor).remote(self._reward_ref)
+    def _new_actor(self, slot: int):
+        return RewardScorer.options(num_cpus=self.num_cpus_per_actor).remote(
+            self._reward_ref, role=f"reward-{slot}", setup=self._actor_setup)
 
     def add_targets(self, targets: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
         """Put ground truths (and FOVs) into the object store once; actors fetch and cache them on first use."""
@@ -201,7 +212,7 @@ class RewardPool:
             ray.kill(self._actors[slot], no_restart=True)
         except Exception:  # noqa: BLE001 - already dead is the common case
             pass
-        self._actors[slot] = self._new_actor()
+        self._actors[slot] = self._new_actor(slot)
         self.stats.actor_restarts += 1
         log.warning("replaced reward actor %d (restarts so far: %d)", slot, self.stats.actor_restarts)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -54,12 +53,14 @@ def _run_config(args: argparse.Namespace, cls):
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    from .console import LOG_DIR, driver_session
     from .sft import SFTConfig, run_sft
 
     cfg = _run_config(args, SFTConfig)
     if cfg is None:
         return 0
-    result = run_sft(cfg)
+    with driver_session(Path(cfg.out) / LOG_DIR):  # library warnings to out/logs/driver.log
+        result = run_sft(cfg)
     print(f"best mean validation Dice {result['best_mean_val_dice']:.4f} after {result['steps']} steps "
           f"({result['seconds']:.0f} s): {result['best']}")
     return 0
@@ -73,6 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _run_config(args, TrainConfig)
     if cfg is None:
         return 0
+    print(f"rl-seg train: {cfg.name}, {cfg.iterations} iterations on {', '.join(cfg.data.datasets)} -> "
+          f"{cfg.run_path}", flush=True)
     summary = run_training(cfg)
     try:
         curves = plot_run_curves(summary["run_path"])
@@ -97,6 +100,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .adapters import resolve_adapter
     from .data import load_dataset
     from .evaluate import evaluate_policy, report_text
     from .policy import load_policy
@@ -104,16 +108,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .policy.lora import load_adapter
     from .score import plot_sweep, write_json
 
+    adapter = resolve_adapter(args.adapter) if args.adapter else None
     policy_name = args.policy
     if policy_name is None:  # an adapter knows its base; without one, the shipped default
-        policy_name = adapter_base(args.adapter) if args.adapter else "default"
+        policy_name = adapter_base(adapter) if adapter else "default"
     policy = load_policy(policy_name, device=args.device)
-    if args.adapter:
-        policy = load_adapter(policy, args.adapter)
-    dataset = load_dataset(args.data, args.split)
+    if adapter:
+        policy = load_adapter(policy, adapter)
+    dataset = load_dataset(args.data, args.split, limit=args.limit)
     report = evaluate_policy(policy, dataset, args.thresholds, overlays=args.overlays, progress=not args.quiet)
-    if args.adapter:
+    if adapter:
         report["adapter"] = str(args.adapter)
+        report["adapter_path"] = str(adapter)
     print(report_text(report))
     if args.out:
         print(f"wrote {write_json(report, args.out)}")
@@ -126,10 +132,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .adapters import resolve_adapter
     from .merge import MergeError, merge_adapter_dir
 
     try:
-        out = merge_adapter_dir(args.adapter, args.out, policy=args.policy)
+        adapter = resolve_adapter(args.adapter)
+    except FileNotFoundError:  # merge_adapter_dir names what is wrong with the folder
+        adapter = args.adapter
+    try:
+        out = merge_adapter_dir(adapter, args.out, policy=args.policy)
     except (MergeError, FileNotFoundError) as exc:
         print(f"rl-seg merge: error: {exc}", file=sys.stderr)
         return 2
@@ -183,7 +194,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         config_path = config_path.relative_to(working_dir)  # the job runs inside the uploaded copy
     client = job_client(args.address)
     submission_id = submit_training(client, config_path, run_dir=run_dir, name=name, overrides=args.overrides,
-                                    working_dir=working_dir, python=args.python)
+                                    working_dir=working_dir, python=args.python, verbose=args.verbose)
     dashboard = dashboard_url(args.address)
     print(f"submitted job {submission_id}\n  run folder: {run_dir / name}\n  dashboard:  {dashboard}/#/jobs/"
           f"{submission_id}\n  logs:       ray job logs --address {dashboard} -f {submission_id}", flush=True)
@@ -231,7 +242,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rl-seg", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print everything: the workers' output "
+                        "and Ray's messages, which otherwise go to the run folder's logs/, and DEBUG records")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     score = sub.add_parser("score", help="score saved predictions against a dataset",
@@ -275,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Wraps `ray job submit`: validates the config here, uploads the working dir "
                                     "(without .venv, runs, .git), sets the entry point, runtime env and token "
                                     "authentication, and prints the job id and the dashboard URL.")
+    _verbose_arg(sb)
     sb.add_argument("--config", type=Path, required=True, help="train config YAML")
     sb.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     sb.add_argument("--address", default=None, help="dashboard address (default: $RAY_ADDRESS if http, else "
@@ -330,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policy", default=None, help="'default' (the shipped model), a registered policy name, or a "
                     "checkpoint folder (rl-seg or Hugging Face Sa2VA); default: the adapter's recorded base, else "
                     "'default'")
-    ev.add_argument("--adapter", type=Path, help="a PEFT LoRA adapter folder to apply")
+    ev.add_argument("--adapter", help="a PEFT LoRA adapter folder to apply, or the name of a shipped adapter "
+                    "(rl_seg/assets/adapters/<name>, each with its model card)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the split's first N images only")
     ev.add_argument("--data", required=True, help="dataset name or folder")
     ev.add_argument("--split", default="test", help="split to evaluate (default: test)")
     ev.add_argument("--thresholds", type=_thresholds, default=[0.5], help="comma-separated sweep thresholds")
@@ -343,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="fold a LoRA adapter into its base policy",
                            description="Apply a PEFT LoRA adapter to its base policy, merge the weights and save a "
                                        "plain checkpoint that loads with --policy OUT (no peft needed).")
-    merge.add_argument("--adapter", type=Path, required=True, help="the PEFT adapter folder (adapter_config.json)")
+    merge.add_argument("--adapter", type=Path, required=True, help="the PEFT adapter folder (adapter_config.json), "
+                       "or the name of a shipped adapter")
     merge.add_argument("--out", type=Path, required=True, help="folder to write the merged policy to")
     merge.add_argument("--policy", default=None, help="base policy (registered name or checkpoint folder); default: "
                        "the adapter's base_model_name_or_path")
@@ -351,7 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: unless given after the subcommand, the top-level flag's value stands
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also print what goes to the run folder's logs/ (worker output, Ray Train reports)")
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
+    _verbose_arg(p)
     p.add_argument("--config", type=Path, help="YAML config file")
     p.add_argument("--help-config", action="store_true", help="list every config field with its help and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=2000 lr=3e-4")
@@ -359,13 +382,31 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from .console import configure_cli_logging
+
+    configure_cli_logging(args.verbose)
     try:
         return args.func(args)
     except (DataError, ConfigError, MergeError, FileNotFoundError, FileExistsError) as exc:
         print(f"rl-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if args.command not in JOB_COMMANDS or args.verbose:
+            raise
+        return report_job_error(f"rl-seg {args.command}", exc)
+
+
+#: Commands whose failures happen in Ray actors: their console gets one line, the traceback is in the logs.
+JOB_COMMANDS = ("train", "tune")
+
+
+def report_job_error(prog: str, exc: BaseException) -> int:
+    from .console import describe_error, last_log_dir
+
+    where = last_log_dir()
+    print(f"{prog}: {describe_error(exc)}" + (f"\n  traceback and the workers' logs: {where}" if where else ""),
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -52,4 +52,7 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, num_g
         else:
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
                      dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, **kwargs)
+        from .console import attach_router
+
+        attach_router()  # workers' output to the run folder's logs, when a job's console session is open
     return ray.get_runtime_context()

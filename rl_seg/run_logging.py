@@ -1,4 +1,4 @@
-"""What a run writes as it goes: metrics.jsonl, TensorBoard scalars, Ray dashboard gauges, a progress line.
+"""What a run writes as it goes: metrics.jsonl, TensorBoard scalars, Ray dashboard gauges, console lines.
 
 The gauges use ``ray.util.metrics`` so that the Ray dashboard's metrics view (Prometheus/Grafana set up by Ray)
 shows the run: reward, Dice, recall, KL, masks/s, phase times and the adapter version.
@@ -11,7 +11,9 @@ import math
 import time
 from pathlib import Path
 
-__all__ = ["RunLogger", "GAUGES"]
+from .console import show
+
+__all__ = ["RunLogger", "GAUGES", "progress_lines"]
 
 #: Metric key -> (gauge name, description). Phase times share one gauge with a "phase" tag.
 GAUGES = {
@@ -27,7 +29,8 @@ PHASES = ("rollout", "reward", "learn", "sync", "export", "iteration")
 
 
 class RunLogger:
-    def __init__(self, run_path: Path, enable_gauges: bool = False, tensorboard: bool = True, progress: bool = True):
+    def __init__(self, run_path: Path, enable_gauges: bool = False, tensorboard: bool = True, progress: bool = True,
+                 iterations: int | None = None):
         self.run_path = Path(run_path)
         self.run_path.mkdir(parents=True, exist_ok=True)
         self._jsonl = (self.run_path / "metrics.jsonl").open("a")
@@ -38,6 +41,7 @@ class RunLogger:
             self._tb = SummaryWriter(str(self.run_path / "tensorboard"))
         self._gauges = self._make_gauges(self.run_path.name) if enable_gauges else None
         self.progress = progress
+        self.iterations = iterations
         self._start = time.time()
 
     @staticmethod
@@ -69,18 +73,27 @@ class RunLogger:
         if self._tb is not None:
             self._tb.flush()
         if self.progress:
-            def fmt(key, spec=".3f"):
-                v = metrics.get(key)
-                return "-" if v is None else format(v, spec)
-
-            print(f"[iter {step}] reward {fmt('reward')}  dice {fmt('reward/dice')}  recall {fmt('reward/recall')}"
-                  f"  kl {fmt('kl_ref', '.4f')}  clip {fmt('clip_fraction')}  masks/s {fmt('masks_per_s', '.1f')}"
-                  f"  rollout {fmt('time/rollout', '.1f')}s reward {fmt('time/reward', '.1f')}s"
-                  f" learn {fmt('time/learn', '.1f')}s"
-                  + (f"  val dice {fmt('val/dice')}" if "val/dice" in metrics else "")
-                  + ("  COLLAPSED" if metrics.get("collapsed") else ""), flush=True)
+            for line in progress_lines(metrics, self.iterations):
+                show(line)
 
     def close(self) -> None:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def progress_lines(metrics: dict, iterations: int | None = None) -> list[str]:
+    """The console's lines for one iteration: the key numbers, and the validation numbers when it validated."""
+    def fmt(key, spec=".3f"):
+        v = metrics.get(key)
+        return "-" if v is None else format(v, spec)
+
+    step = int(metrics.get("iteration", 0))
+    head = f"[iter {step}/{iterations}]" if iterations else f"[iter {step}]"
+    lines = [f"{head} reward {fmt('reward')}  dice {fmt('reward/dice')}  recall {fmt('reward/recall')}"
+             f"  kl {fmt('kl_ref', '.4f')}  clip {fmt('clip_fraction')}  masks/s {fmt('masks_per_s', '.1f')}"
+             f"  ({fmt('time/iteration', '.1f')} s)" + ("  COLLAPSED" if metrics.get("collapsed") else "")]
+    if "val/dice" in metrics:
+        lines.append(f"{head} validation at 0.5: dice {fmt('val/dice')}  recall {fmt('val/recall')}  "
+                     f"precision {fmt('val/precision')}  clDice {fmt('val/cldice')}")
+    return lines

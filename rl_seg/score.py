@@ -21,12 +21,15 @@ from rewards.metrics import METRICS, MaskPair, Target
 from .data import DataError, Sample, VesselDataset, decode_image
 
 __all__ = ["PREDICTION_SUFFIXES", "read_prediction", "match_predictions", "score_predictions", "format_report",
-           "summarize", "MEAN_KEYS"]
+           "summarize", "MEAN_KEYS", "SWEEP", "best_threshold", "threshold_curve", "interp_precision",
+           "precision_above_curve"]
 
 PREDICTION_SUFFIXES = (".png", ".gif", ".tif", ".tiff", ".npy", ".jpg", ".jpeg", ".ppm", ".pgm")
 #: Metrics averaged in every report's "mean"; betti0_error and length_ratio are kept per image as well.
 MEAN_KEYS = tuple(METRICS)
 DEFAULT_THRESHOLD = 0.5
+#: The threshold sweep behind every "best threshold" and "threshold curve" the project reports.
+SWEEP = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
 
 
 def read_prediction(path: Path) -> np.ndarray:
@@ -125,6 +128,29 @@ def score_probabilities(items: Sequence[tuple[Sample, np.ndarray]], thresholds: 
         "thresholds": {f"{t:g}": summarize(rows) for t, rows in per_threshold.items()},
         "binary_predictions": binary,
     }
+
+
+def best_threshold(report: dict, metric: str = "dice") -> str:
+    """The sweep threshold (a key of ``report["thresholds"]``) with the best mean ``metric``; pick it on
+    validation images, then report test images at it."""
+    return max(report["thresholds"], key=lambda t: report["thresholds"][t][metric])
+
+
+def threshold_curve(report: dict) -> list[tuple[float, float]]:
+    """(recall, precision) of a report's mean at each threshold of its sweep: its threshold curve."""
+    return [(m["recall"], m["precision"]) for m in report["thresholds"].values()]
+
+
+def interp_precision(curve: Sequence[tuple[float, float]], recall: float) -> float:
+    """The curve's precision at ``recall``, linearly interpolated between its points (held at its ends)."""
+    pts = sorted(curve)
+    return float(np.interp(recall, [r for r, _ in pts], [p for _, p in pts]))
+
+
+def precision_above_curve(curve: Sequence[tuple[float, float]], recall: float, precision: float) -> float:
+    """How far an operating point lies above a threshold curve at equal recall. Moving a threshold slides a
+    model along its curve; only a changed model gets above it, so this is what RL has to beat."""
+    return precision - interp_precision(curve, recall)
 
 
 def score_predictions(pred_dir: Path, dataset: VesselDataset, thresholds: Sequence[float] = (DEFAULT_THRESHOLD,),

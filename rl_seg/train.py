@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from functools import partial
 
 import ray
 
@@ -19,6 +20,7 @@ from rewards.composite import CompositeReward
 from rewards.pool import RewardPool
 
 from .config import save_config, to_dict
+from .console import LOG_DIR, announce, driver_session
 from .policy.sa2va.core import SAM2_NATIVE_GRID
 from .ppo.config import TrainConfig
 from .ppo.states import State, load_states, thin_vessel_fraction
@@ -66,7 +68,8 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None, objective: dic
     start = time.time()
     update_run_state(run_path, state="starting", started=start, iterations=cfg.iterations, error=None, ended=None)
     try:
-        summary = _run(cfg, run_path, start, callbacks, objective)
+        with driver_session(run_path / LOG_DIR, wait_for="learner-0"):
+            summary = _run(cfg, run_path, start, callbacks, objective)
     except BaseException as exc:  # KeyboardInterrupt too: the service must not show a dead run as running
         update_run_state(run_path, state="failed", ended=time.time(), error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
@@ -102,12 +105,12 @@ def _run(cfg: TrainConfig, run_path, start: float, callbacks, objective) -> dict
         rollout_workers = [
             RolloutWorker.options(**placement.options(i), max_restarts=cfg.rollout.max_restarts, name=None)
             .remote(cfg.policy.name, cfg.policy.lora, cfg.threads_per_worker, cfg.rollout.num_gpus > 0,
-                    cfg.policy.load_kwargs())
+                    cfg.policy.load_kwargs(), str(run_path / LOG_DIR), f"rollout-{i}")
             for i in range(0 if cfg.placement == "hybrid" else cfg.rollout.num_workers)  # hybrid: the learners sample
         ]
         ray.get([w.ready.remote() for w in rollout_workers])
         pool = RewardPool(pool_reward(cfg), num_actors=cfg.reward.num_actors, num_cpus_per_actor=cfg.reward.num_cpus,
-                          timeout_s=cfg.reward.timeout_s)
+                          timeout_s=cfg.reward.timeout_s, actor_setup=partial(announce, str(run_path / LOG_DIR)))
         pool.add_targets({s.id: (s.gt, s.fov) for s in train})
 
         resources = {"CPU": cfg.learner.cpus_per_worker}

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the replica builders
 from sa2va_replica import build_replica  # noqa: E402
 from sa2va_replica.build_qwen import build_qwen_replica  # noqa: E402
 from sa2va_replica.cuda_on_cpu import sam2_cuda_on_cpu  # noqa: E402
-from sa2va_replica.qwen_on_cpu import cuda_on_cpu, load_processor  # noqa: E402
+from sa2va_replica.qwen_on_cpu import load_processor  # noqa: E402
 
 INTERNVL = ["qwen2", "internlm2"]
 QWEN_VL = ["qwen2_5_vl", "qwen3_vl"]
@@ -145,11 +145,14 @@ def test_reproduces_predict_forward(replica, policies):
     if family == "internlm2":
         # Under transformers 5 InternLM2's remote LM class does not inherit GenerationMixin, so upstream's
         # predict_forward cannot generate (rl-seg never generates; README says so).
-        with sam2_cuda_on_cpu(policy.model), pytest.raises(AttributeError, match="generate"):
+        with sam2_cuda_on_cpu(policy.model), pytest.raises(AttributeError, match="generation_config"):
             policy.predict_forward_masks(ims[:1])
         return
-    adapter = sam2_cuda_on_cpu(policy.model) if family in INTERNVL else cuda_on_cpu(policy.model)
-    with adapter:
+    if family in QWEN_VL:
+        # Sa2VAChatModelQwen hard-codes torch_dtype = bfloat16 for SAM2's input (and its CUDA autocast makes that run
+        # on a GPU); for an fp32 comparison on CPU the reference runs its own code in fp32
+        policy.model.torch_dtype = torch.float32
+    with sam2_cuda_on_cpu(policy.model):
         masks = policy.predict_forward_masks(ims)
     for im, mask, lg in zip(ims, masks, logits):
         assert mask.shape == im.shape[:2] and mask.dtype == bool
@@ -217,7 +220,7 @@ def test_dynamic_tiling_as_predict_forward():
     assert tile_grid(565, 584, 12, 448) == (1, 1)
     assert tile_grid(512, 512, 12, 448) == (1, 1)
     assert tile_grid(1200, 400, 12, 448) == (3, 1)
-    assert tile_grid(1000, 1000, 12, 448) == (2, 2)  # a tie with (1, 1), broken by the image's area
+    assert tile_grid(1000, 1000, 12, 448) == (3, 3)  # ties with (1, 1) and (2, 2): the image has > half of 3x3 tiles
     assert tile_grid(500, 500, 12, 448) == (1, 1)    # the same tie, a smaller image
     wide = np.zeros((400, 1200, 3), np.uint8)
     assert [t.shape for t in split_into_tiles(wide, 12, 448)] == [(448, 448, 3)] * 4  # 3 tiles + thumbnail

@@ -54,7 +54,9 @@ def full_run(tmp_path_factory):
 
 
 def test_sft_writes_config_metrics_best_and_checkpoint(full_run):
-    assert sorted(p.name for p in full_run.iterdir()) == ["best", "checkpoint", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in full_run.iterdir()) == ["best", "checkpoint", "config.yaml", "logs",
+                                                         "metrics.jsonl"]
+    assert (full_run / "logs" / "driver.log").is_file()  # what is not for the console: library warnings
     config = yaml.safe_load((full_run / "config.yaml").read_text())
     assert config["steps"] == 6 and config["data"] == ["drive-sample", "arcade-sample"] and config["crop"] == 64
     assert config["model"] == "tiny" and config["out"] == str(full_run)

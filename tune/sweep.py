@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,17 +235,27 @@ def _segment_report(run: Path, iteration: int, constraint: dict | None) -> dict:
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
+    from rl_seg.console import LOG_DIR, driver_session, is_verbose
     from rl_seg.ray_env import init_ray
 
     base = _base_train_config(cfg)  # validates the base config before anything starts
     path = cfg.path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, path / "sweep.yaml")
-    init_ray(cfg.ray_address, num_cpus=cfg.ray_num_cpus)
+    # The console: a line per trial report (Tune's own status tables off); trials' output in their logs/.
+    if not is_verbose():  # Tune's INFO records ("wrote the result files") are not for the console
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    with driver_session(path / LOG_DIR):
+        init_ray(cfg.ray_address, num_cpus=cfg.ray_num_cpus)
+        results = _fit(cfg, base, path)
+    return summarize(cfg, results, path)
+
+
+def _fit(cfg: SweepConfig, base: TrainConfig, path: Path):
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
 
     cpus, gpus = trial_resources(base)
     available = ray.cluster_resources()
@@ -288,11 +299,47 @@ def run_sweep(cfg: SweepConfig) -> dict:
             trainable, param_space=search_space(cfg.space),
             tune_config=tune.TuneConfig(num_samples=cfg.num_samples, search_alg=search_alg, scheduler=scheduler,
                                         max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name="tune", storage_path=str(path),
+            run_config=tune.RunConfig(name="tune", storage_path=str(path), verbose=0, callbacks=[trial_lines(cfg)],
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )
-    results = tuner.fit()
-    return summarize(cfg, results, path)
+    return tuner.fit()
+
+
+def trial_lines(cfg: SweepConfig):
+    """A Tune callback (it runs in the driver) that prints a line per trial event and report."""
+    from ray import tune
+
+    from rl_seg.console import describe_error
+
+    shown = (cfg.objective, cfg.metric, *([cfg.constraint_metric] if cfg.constraint_metric else []))
+
+    class TrialLines(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            params = "  ".join(f"{k}={_fmt(v)}" for k, v in (trial.config or {}).items())
+            print(f"trial {trial.trial_id} started: {params}", flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            values = "  ".join(f"{k} {result[k]:.4f}" for k in dict.fromkeys(shown) if isinstance(result.get(k),
+                                                                                                    (int, float)))
+            print(f"[trial {trial.trial_id} iter {result.get('iteration', result.get('training_iteration'))}] "
+                  f"{values}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            print(f"trial {trial.trial_id} ended", flush=True)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"warning: trial {trial.trial_id} failed and is retried: {self._error(trial)}", file=sys.stderr,
+                  flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"trial {trial.trial_id} failed: {self._error(trial)}", file=sys.stderr, flush=True)
+
+        @staticmethod
+        def _error(trial) -> str:
+            error = trial.get_pickled_error()
+            return describe_error(error) if error is not None else f"see {trial.error_file}"
+
+    return TrialLines()
 
 
 def summarize(cfg: SweepConfig, results, path: Path) -> dict:

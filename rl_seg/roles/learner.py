@@ -40,6 +40,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import from_dict
+from ..console import LOG_DIR, announce
+from ..console import done as console_done
 from ..flops import flop_counter
 from ..guards import non_finite
 from ..policy import MaskDistribution, load_policy
@@ -309,7 +311,8 @@ def _collective_device() -> torch.device:
 
 def _non_finite_gradients(engine) -> str | None:
     """The first trainable parameter whose gradient holds a NaN or inf (ZeRO-partitioned ones gathered). Only at a
-    gradient-accumulation boundary: ZeRO reduces gradients there, and the step that would apply them follows."""
+    gradient-accumulation boundary: ZeRO 1-2 assemble a partitioned gradient there (before it, safe_get_full_grad
+    raises), and the boundary's gradient sums the micro-steps, so checking it suffices."""
     from deepspeed.utils import safe_get_full_grad
 
     if not engine.is_gradient_accumulation_boundary():
@@ -426,11 +429,12 @@ def raise_if_non_finite(run_path: Path) -> None:
 
 def train_loop(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: build the engine, restore, then iterate."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    announce(Path(config["run_path"]) / LOG_DIR, f"learner-{rank}")
     import deepspeed
 
     cfg = from_dict(TrainConfig, config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(cfg.seed)
     use_gpu = cfg.learner.use_gpu and torch.cuda.is_available()
@@ -475,7 +479,7 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         from ..run_logging import RunLogger
 
-        logger = RunLogger(run_path, enable_gauges=True)
+        logger = RunLogger(run_path, enable_gauges=True, progress=cfg.progress, iterations=cfg.iterations)
         session = uuid.uuid4().hex[:8]  # a restarted group re-issues version numbers: keys stay unique
         # hybrid: the ranks sample with the weights they train, nothing is exported
         weights_box = None if hybrid else [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
@@ -556,5 +560,6 @@ def train_loop(config: dict) -> None:
         if done == cfg.iterations and not stopped_on_nan:
             module.policy.save_pretrained(str(Path(config["run_path"]) / "final_adapter"),
                                           save_embedding_layers=False)
+        console_done()
     dist.barrier()
 

@@ -16,6 +16,7 @@ import numpy as np
 import ray
 import torch
 
+from ..console import announce
 from ..policy import load_policy
 from ..policy.distribution import sample_masks
 from ..policy.base import autocast_for
@@ -54,7 +55,9 @@ def peak_memory_gib(device: torch.device) -> float | None:
 @ray.remote
 class RolloutWorker:
     def __init__(self, policy: str, lora: LoraSettings, threads: int = 1, use_gpu: bool = False,
-                 policy_options: dict | None = None):
+                 policy_options: dict | None = None, log_dir: str | None = None, role: str = "rollout"):
+        self.role = role
+        announce(log_dir, role)
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.incarnation = uuid.uuid4().hex
@@ -62,6 +65,9 @@ class RolloutWorker:
         self.model.eval()
         self.version = -1
         self.weights_key = None
+
+    def __repr__(self) -> str:  # Ray names the actor's log lines and errors by it
+        return self.role
 
     def ready(self) -> str:
         return self.incarnation

@@ -44,12 +44,14 @@ def job_client(address: str | None):
 
 def submit_training(client, config_path: Path, *, run_dir: Path, name: str, overrides: list[str] = (),
                     working_dir: Path | None = None, python: str = "python", env: dict | None = None,
-                    submission_id: str | None = None) -> str:
+                    submission_id: str | None = None, verbose: bool = False) -> str:
     """Submit ``rl-seg train`` as a Ray job; the run folder is ``run_dir/name``, which must be a path the
-    cluster's head node can write and the status service can read (shared storage on a real cluster)."""
+    cluster's head node can write and the status service can read (shared storage on a real cluster).
+    ``verbose``: the job's log (``--follow``) also carries what otherwise goes to the run folder's logs/."""
     submission_id = submission_id or f"rl-seg-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     args = ["--config", str(config_path), f"run_dir={run_dir}", f"name={name}", *overrides]
-    entrypoint = f"{python} -m rl_seg.cli train " + " ".join(shlex.quote(a) for a in args)
+    entrypoint = f"{python} -m rl_seg.cli {'--verbose ' if verbose else ''}train " + " ".join(
+        shlex.quote(a) for a in args)
     runtime_env: dict = {"env_vars": {SUBMISSION_ENV: submission_id, "RAY_AUTH_MODE": "token", **(env or {})}}
     if working_dir is not None:
         runtime_env.update(working_dir=str(working_dir), excludes=WORKING_DIR_EXCLUDES)

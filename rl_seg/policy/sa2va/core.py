@@ -56,6 +56,10 @@ DEFAULT_ANSWER = "Sure, [SEG]."
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ACTION_RESOLUTIONS = ("image", "native")
+#: Files of a checkpoint folder that hold its tokenizer, processor and generation settings (copied on save).
+TEXT_SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template*", "preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json", "generation_config.json")
 #: The mask decoder's grid on every Sa2VA release: SAM2 Hiera-L at 1024 px, stride 16, decoder upsampling x4.
 SAM2_NATIVE_GRID = 256
 
@@ -321,10 +325,14 @@ class Sa2VABase(SegPolicy):
         path.mkdir(parents=True, exist_ok=True)
         with compat.attn_mask_utils_shim():
             self.model.save_pretrained(str(path), safe_serialization=True)
-        self.save_text_side(path)
         if self.source_dir is not None and self.source_dir.resolve() != path.resolve():
-            for src in self.source_dir.glob("*.py"):
-                shutil.copy2(src, path / src.name)  # the remote code travels with the weights
+            # The remote code and the text side (tokenizer, processor, chat template) travel as the checkpoint had
+            # them: re-serialising them through transformers 5 would rewrite formats 4.x-era code reads.
+            for src in self.source_dir.iterdir():
+                if src.is_file() and (src.suffix == ".py" or any(src.match(p) for p in TEXT_SIDE_FILES)):
+                    shutil.copy2(src, path / src.name)
+        else:
+            self.save_text_side(path)
         config_file = path / "config.json"
         config = json.loads(config_file.read_text())
         auto_map = getattr(self.model.config, "auto_map", None)
