@@ -4,8 +4,8 @@ sample their own images with the weights they train; no rollout actor exists and
 With the default tiny model and two ranks, hybrid must be the colocated run by other means: the same images, views,
 masks and rewards, iteration after iteration (same seeds, and the old policy's logits it keeps are those the
 colocated learner recomputes), and the same FLOPs split differently between rollout and learn, also across a stop
-and a resume from the checkpoint. With a tiny Sa2VA replica (InternLM2 language model, activation checkpointing on), two
-iterations run with finite metrics and the frozen towers reused.
+and a resume from the checkpoint. With a tiny Sa2VA replica (InternLM2 language model, activation checkpointing on),
+hybrid gives the colocated update again, where the rollout actor ships the frozen towers' outputs to the learner.
 """
 
 from __future__ import annotations
@@ -72,45 +72,40 @@ def test_hybrid_is_the_colocated_run_without_rollout_actors_and_resumes(ray_loca
     assert (hybrid.run_path / "final_adapter" / "adapter_config.json").is_file()
 
 
-def test_hybrid_on_a_sa2va_replica(ray_local, tmp_path):
+def test_hybrid_on_a_sa2va_replica_is_colocated_with_shipped_frozen_features(ray_local, tmp_path):
+    """A tiny Sa2VA replica (InternLM2 language model, activation checkpointing on): hybrid, where the ranks keep the
+    frozen towers' outputs of their own sampling, gives the update colocated gives with the rollout actor sending
+    them (``rollout.ship_frozen``, the default for rollout actors on CPUs); the colocated learner then runs no
+    tower at all."""
     folder = build_replica(tmp_path / "sa2va", family="internlm2")
-    cfg = load_config(TrainConfig, None, [
-        "name=sa2va_hybrid", f"run_dir={tmp_path / 'runs'}", f"policy.name={folder}", "policy.trust_remote_code=true",
-        "policy.lora.targets=llm+decoder", "policy.lora.dropout=0.0", "policy.gradient_checkpointing=true",
-        "placement=hybrid", "iterations=2", "data.datasets=[drive-sample,arcade-sample]", "data.image_size=64",
-        "data.images_per_iteration=2", "data.val_limit=1", "rollout.samples_per_image=2", "reward.num_actors=1",
-        "reward.num_cpus=0.25", "learner.num_workers=1", "learner.cpus_per_worker=0.5", "learner.count_flops=true",
-        "ppo.epochs=2", "ppo.warmup_steps=1", "checkpoint_every=2", "val_every=2", "progress=false"])
-    summary = run_training(cfg)
-    rows = records(cfg.run_path)
-    assert [r["iteration"] for r in rows] == [1, 2] and summary["completed"] == 2
-    for r in rows:
-        for key in ("policy_loss", "reward", "entropy", "kl_ref", "time/rollout", "time/learn"):
-            assert key in r and math.isfinite(r[key]), (key, r.get(key))
-        assert r["time/sync"] == 0.0 and not r["collapsed"]
-    assert rows[0]["flops/learn"] > 0 and rows[0]["flops/rollout"] > 0
-    assert math.isfinite(rows[-1]["val/dice"])
-    assert (cfg.run_path / "final_adapter" / "adapter_config.json").is_file()
-
-
-def test_frozen_features_shipped_from_the_rollout_change_nothing_but_learner_flops(ray_local, tmp_path):
-    """Colocated rollout actors send the frozen towers' outputs with their masks (rollout.ship_frozen): the update
-    is the one the learner makes when it computes them itself, and the learner no longer runs those towers."""
-    folder = build_replica(tmp_path / "sa2va", family="qwen2")
     runs = {}
-    for ship in ("true", "false"):
+    for placement in ("colocated", "hybrid"):
         cfg = load_config(TrainConfig, None, [
-            f"name=ship_{ship}", f"run_dir={tmp_path / 'runs'}", f"policy.name={folder}",
-            "policy.trust_remote_code=true", "policy.lora.dropout=0.0", f"rollout.ship_frozen={ship}",
-            "iterations=1", "data.datasets=[arcade-sample]", "data.image_size=64", "data.images_per_iteration=1",
-            "val_every=0", "rollout.num_workers=1", "rollout.num_cpus=0.25", "rollout.samples_per_image=2",
+            f"name=sa2va_{placement}", f"run_dir={tmp_path / 'runs'}", f"policy.name={folder}",
+            "policy.trust_remote_code=true", "policy.lora.targets=llm+decoder", "policy.lora.dropout=0.0",
+            "policy.gradient_checkpointing=true", f"placement={placement}", "iterations=2",
+            "data.datasets=[drive-sample,arcade-sample]", "data.image_size=64", "data.images_per_iteration=2",
+            "data.val_limit=1", "rollout.num_workers=1", "rollout.num_cpus=0.25", "rollout.samples_per_image=2",
             "reward.num_actors=1", "reward.num_cpus=0.25", "learner.num_workers=1", "learner.cpus_per_worker=0.5",
-            "learner.count_flops=true", "ppo.epochs=1", "ppo.warmup_steps=1", "progress=false"])
-        assert cfg.ships_frozen == (ship == "true")
-        run_training(cfg)
-        runs[ship] = records(cfg.run_path)[0]
-    shipped, computed = runs["true"], runs["false"]
-    for key in ("reward", "policy_loss", "kl_ref", "entropy", "advantage_std"):
-        assert shipped[key] == pytest.approx(computed[key], rel=1e-9, abs=1e-12), key
-    # SAM2's encoder at 1024 px and InternViT are most of the model's FLOPs: the learner skipped them
-    assert shipped["flops/learn"] < 0.5 * computed["flops/learn"]
+            "learner.count_flops=true", "ppo.epochs=2", "ppo.warmup_steps=1", "checkpoint_every=2", "val_every=2",
+            "progress=false"])
+        assert cfg.ships_frozen == (placement == "colocated")
+        summary = run_training(cfg)
+        rows = records(cfg.run_path)
+        assert [r["iteration"] for r in rows] == [1, 2] and summary["completed"] == 2
+        for r in rows:
+            for key in ("policy_loss", "reward", "entropy", "kl_ref", "time/rollout", "time/learn"):
+                assert key in r and math.isfinite(r[key]), (key, r.get(key))
+            assert not r["collapsed"]
+        assert math.isfinite(rows[-1]["val/dice"])
+        assert (cfg.run_path / "final_adapter" / "adapter_config.json").is_file()
+        runs[placement] = rows
+    colocated, hybrid = runs["colocated"], runs["hybrid"]
+    for x, y in zip(colocated, hybrid):
+        for key in ("reward", "policy_loss", "kl_ref", "entropy", "advantage_std"):
+            assert y[key] == pytest.approx(x[key], rel=1e-9, abs=1e-12), (y["iteration"], key)
+        assert y["time/sync"] == 0.0
+    assert hybrid[-1]["val/dice"] == pytest.approx(colocated[-1]["val/dice"], rel=1e-9)
+    # SAM2's encoder at 1024 px and InternViT are most of the FLOPs: run once per image in hybrid's rollout, never
+    # by the colocated learner, which received them
+    assert colocated[0]["flops/learn"] < 0.5 * (hybrid[0]["flops/rollout"] + hybrid[0]["flops/learn"])
