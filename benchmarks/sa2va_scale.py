@@ -95,7 +95,8 @@ def train_overrides(task: str, ckpt: Path, run_dir: Path, placement: str, dry: b
            "rollout.num_cpus=1", f"rollout.num_gpus={0.5 if placement == 'colocated' and gpu else 0}",
            f"reward.num_actors={8 if gpu else 1}", f"reward.num_cpus={1 if gpu else 0.25}",
            "learner.num_workers=1", f"learner.use_gpu={'true' if gpu else 'false'}",
-           f"learner.gpus_per_worker={0.5 if placement == 'colocated' else 1}", f"learner.cpus_per_worker={2 if gpu else 0.5}",
+           f"learner.gpus_per_worker={0.5 if placement == 'colocated' else 1}",
+           f"learner.cpus_per_worker={2 if gpu else 0.5}",
            "learner.micro_batch_images=1", "learner.count_flops=true", "ppo.epochs=2", "ppo.lr=1e-4",
            "ppo.warmup_steps=1", f"threads_per_worker={2 if gpu else 1}", "progress=true"]
     if ray_address:

@@ -86,7 +86,8 @@ def test_reuse_gives_identical_logits_reference_and_lora_gradients(policy, input
     model = lora(policy, "llm+decoder")  # LoRA in the LLM and SAM2's mask decoder: both towers stay frozen
     try:
         assert policy.frozen_towers() == ("vision", "grounding")
-        assert frozen.image_tokens.shape[0] == 1 and len(frozen.grounding) == 3 and not frozen.image_tokens.requires_grad
+        assert frozen.image_tokens.shape[0] == 1 and len(frozen.grounding) == 3
+        assert not frozen.image_tokens.requires_grad
 
         plain = model(inputs)
         plain.logits.square().mean().backward()
@@ -122,7 +123,10 @@ def test_a_tower_with_lora_is_not_reused(policy, inputs, targets, towers):
         assert policy.frozen_towers() == towers
         if "grounding" not in towers:  # (SAM2's encoder at 1024 px is the slow part: run where it is skipped)
             features = policy.encode_frozen(inputs)
-            assert features is None if not towers else (features.image_tokens is not None and features.grounding is None)
+            if towers:
+                assert features.image_tokens is not None and features.grounding is None
+            else:
+                assert features is None
     finally:
         model.unload()
 
@@ -155,7 +159,8 @@ def test_checkpointing_the_vision_tower_only_where_lora_is(policy):
     try:
         assert policy.enable_gradient_checkpointing() == ["llm", "vision"]
         layers = policy.layer_stacks()
-        assert all(getattr(layer, "_rl_seg_checkpointed", False) for name in ("llm", "vision") for layer in layers[name])
+        assert all(getattr(layer, "_rl_seg_checkpointed", False)
+                   for name in ("llm", "vision") for layer in layers[name])
     finally:
         model.unload()
 

@@ -491,12 +491,14 @@ def train_loop(config: dict) -> None:
     done, stop, stopped_on_nan = start_iteration, [False], False
     for iteration in range(start_iteration, stop_at):
         t_iter = time.perf_counter()
-        # FLOPs are counted on the session's first iteration (untimed warm-up: the counter slows what it counts)
-        counting = cfg.learner.count_flops and iteration == start_iteration
-        counters = {"rollout": flop_counter(), "learn": flop_counter()} if counting else {}
+        # FLOPs are counted on the session's first iteration (untimed warm-up: the counter slows what it counts);
+        # the rollout's only where it runs in the ranks
+        counters = {}
+        if cfg.learner.count_flops and iteration == start_iteration:
+            counters = {"learn": flop_counter(), **({"rollout": flop_counter()} if hybrid else {})}
         # The batch itself goes through the collective: an ObjectRef pickled outside Ray's serializer is not
         # registered with its owner, and ray.get on it in another rank blocks forever.
-        with counters.get("rollout") if counting and hybrid else contextlib.nullcontext():
+        with counters.get("rollout", contextlib.nullcontext()):
             if hybrid is not None and rank > 0:
                 hybrid.follow()
             box = [coordinator.rollout(iteration, version, weights_box) if rank == 0 else None]
@@ -505,14 +507,12 @@ def train_loop(config: dict) -> None:
         batch = box[0]
         t_learn = time.perf_counter()
         try:
-            with counters.get("learn") or contextlib.nullcontext():
+            with counters.get("learn", contextlib.nullcontext()):
                 stats = learn(engine, batch, cfg, rank, world, iteration, hybrid.take() if hybrid else None)
             learn_stats = _all_mean(stats, device)
             learn_stats.update(_all_max({"memory/learner_peak_gib": peak_memory_gib(device)}, device))
-            if counting:
-                learn_stats.update(_all_sum({f"flops/{phase}": float(c.get_total_flops())
-                                             for phase, c in counters.items() if phase == "learn" or hybrid},
-                                            device))
+            learn_stats.update(_all_sum({f"flops/{phase}": float(c.get_total_flops())
+                                         for phase, c in counters.items()}, device) if counters else {})
         except TrainingNonFinite as exc:
             _stop_on_non_finite(exc, engine, rank, iteration, version, coordinator, run_path)
             stopped_on_nan = True

@@ -103,7 +103,8 @@ class RolloutWorker:
             if frozen is not None:
                 out[-1]["frozen"] = frozen.to("cpu")
         return {"version": self.version, "incarnation": self.incarnation, "sync_s": sync_s,
-                "sample_s": time.perf_counter() - start, "samples": out, "peak_memory_gib": peak_memory_gib(self.device)}
+                "sample_s": time.perf_counter() - start, "samples": out,
+                "peak_memory_gib": peak_memory_gib(self.device)}
 
     def predict(self, version: int, weights_box: list, states: list) -> dict:
         """Vessel probabilities (float16) for validation states, with the requested adapter version."""
