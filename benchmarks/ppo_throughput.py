@@ -248,7 +248,7 @@ def per_sample_flops(cfg: TrainConfig, device: torch.device, image: np.ndarray) 
     from rl_seg.roles.learner import PPOModule
 
     torch.manual_seed(cfg.seed)
-    policy = attach_lora(load_policy(cfg.policy.name, device=device), cfg.policy.lora)
+    policy = attach_lora(load_policy(cfg.policy.name, device=device, **cfg.policy.load_kwargs()), cfg.policy.lora)
     module = PPOModule(policy, policy.get_base_model().hidden_size).to(device)
     pixels = policy.preprocess([image])
     with flop_counter() as fwd, torch.no_grad(), autocast_for(device):

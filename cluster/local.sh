@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A local Ray cluster for rl-seg: one head node, token authentication on, dashboard on 127.0.0.1.
 #
-#   cluster/local.sh start    start the head (prints the addresses; writes $STATE/head.env to source)
+#   cluster/local.sh start    start the head (prints the addresses; writes $STATE/head.env to source: RAY_ADDRESS
+#                             is the GCS address, which ray.init / rl-seg train / ray status join, and
+#                             RAY_API_SERVER_ADDRESS the dashboard's, which ray job submit / rl-seg submit use)
 #   cluster/local.sh status   `ray status` of that head
 #   cluster/local.sh stop     stop that head and every process it started (and nothing else)
 #
@@ -42,7 +44,9 @@ start() {
   [ -n "${RL_SEG_NUM_CPUS:-}" ] && args+=(--num-cpus="$RL_SEG_NUM_CPUS")
   [ -n "${RL_SEG_NUM_GPUS:-}" ] && args+=(--num-gpus="$RL_SEG_NUM_GPUS")
   # setsid: the head's daemons inherit a process group of their own, which `stop` ends as a whole.
-  setsid ray start "${args[@]}" >"$STATE/start.log" 2>&1 &
+  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's single-machine mode: the node keeps 127.0.0.1 as its address
+  # (else Ray swaps in the machine's reachable one) and its servers listen there only (README, "What listens where").
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 setsid ray start "${args[@]}" >"$STATE/start.log" 2>&1 &
   local launcher=$!
   wait "$launcher" || { cat "$STATE/start.log" >&2; die "ray start failed (log: $STATE/start.log)"; }
   local pgid
@@ -50,7 +54,8 @@ start() {
   [ -n "$pgid" ] || die "ray start returned but no GCS of this head is running (log: $STATE/start.log)"
   cat >"$HEAD_ENV" <<EOF
 export RL_SEG_HEAD_PGID=$pgid
-export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
+export RAY_ADDRESS=127.0.0.1:$PORT
+export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
 export RL_SEG_GCS_ADDRESS=127.0.0.1:$PORT
 export RL_SEG_METRICS_URL=http://127.0.0.1:$METRICS_PORT/metrics
 export RAY_AUTH_MODE=token
@@ -58,7 +63,8 @@ EOF
   echo "Ray head running (token authentication on)."
   echo "  dashboard and job API: http://127.0.0.1:$DASHBOARD_PORT"
   echo "  metrics (Prometheus):  http://127.0.0.1:$METRICS_PORT/metrics (rl_seg_* gauges while a run is live)"
-  echo "  in a shell:            source $HEAD_ENV"
+  echo "  cluster (GCS):         127.0.0.1:$PORT"
+  echo "  in a shell:            source $HEAD_ENV   (RAY_ADDRESS for rl-seg train, RAY_API_SERVER_ADDRESS for jobs)"
   echo "  submit a run:          rl-seg submit --config rl_seg/configs/quickstart.yaml --follow"
   echo "  status service:        rl-seg serve --runs runs --ray-address http://127.0.0.1:$DASHBOARD_PORT"
   echo "  stop:                  cluster/local.sh stop"

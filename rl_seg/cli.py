@@ -14,6 +14,8 @@ from pathlib import Path
 from .config import ConfigError
 from .data import DataError
 from .merge import MergeError
+from .run_lock import RunFolderError
+from .run_outcome import DiskFull
 
 
 def _thresholds(text: str) -> list[float]:
@@ -49,7 +51,12 @@ def _run_config(args: argparse.Namespace, cls):
         return None
     # --resume is the flag form of the config's own `resume` field (train and tune have one)
     overrides = [*args.overrides, *(["resume=true"] if getattr(args, "resume", False) else [])]
-    return load_config(cls, args.config, overrides)
+    cfg = load_config(cls, args.config, overrides)
+    if args.command == "train" and cfg.resume:  # a resumed run continues with its own saved config
+        from .validation import resume_config
+
+        cfg = resume_config(args.config, args.overrides)
+    return cfg
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
@@ -69,6 +76,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .plots import plot_run_curves
     from .ppo.config import TrainConfig
+    from .run_outcome import RunFailed, RunInterrupted, exit_now
     from .train import run_training
 
     cfg = _run_config(args, TrainConfig)
@@ -76,13 +84,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"rl-seg train: {cfg.name}, {cfg.iterations} iterations on {', '.join(cfg.data.datasets)} -> "
           f"{cfg.run_path}", flush=True)
-    summary = run_training(cfg)
+    try:
+        summary = run_training(cfg)
+    except RunInterrupted as exc:  # recorded with the resume command; no traceback for a signal
+        print(f"rl-seg train: {exc}", file=sys.stderr, flush=True)
+        exit_now(exc.exit_code)
+    except RunFailed as exc:
+        print(f"rl-seg train: {exc}", file=sys.stderr, flush=True)
+        return 1
     try:
         curves = plot_run_curves(summary["run_path"])
     except ImportError as exc:  # a GPU image without matplotlib: the metrics are in metrics.jsonl regardless
         curves = f"not drawn ({exc})"
-    print(f"run folder {summary['run_path']}: {summary['iterations']} iterations in {summary['seconds']:.0f} s; "
-          f"adapter {summary['final_adapter']}; curves {curves}")
+    print(f"{summary['outcome']}\n  {summary['completed']} iterations in {summary['seconds']:.0f} s; adapter "
+          f"{summary['final_adapter'] or 'not written (the run did not reach its last iteration)'}; curves {curves}")
     return 0
 
 
@@ -112,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policy_name = args.policy
     if policy_name is None:  # an adapter knows its base; without one, the shipped default
         policy_name = adapter_base(adapter) if adapter else "default"
-    policy = load_policy(policy_name, device=args.device)
+    policy = load_policy(policy_name, trust_remote_code=args.trust_remote_code, device=args.device)
     if adapter:
         policy = load_adapter(policy, adapter)
     dataset = load_dataset(args.data, args.split, limit=args.limit)
@@ -140,7 +155,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     except FileNotFoundError:  # merge_adapter_dir names what is wrong with the folder
         adapter = args.adapter
     try:
-        out = merge_adapter_dir(adapter, args.out, policy=args.policy)
+        out = merge_adapter_dir(adapter, args.out, policy=args.policy, trust_remote_code=args.trust_remote_code)
     except (MergeError, FileNotFoundError) as exc:
         print(f"rl-seg merge: error: {exc}", file=sys.stderr)
         return 2
@@ -223,7 +238,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token_file = args.token_file or args.runs / ".service_token"
     token = load_or_create_token(token_file)
     settings = ServiceSettings(runs_root=args.runs.resolve(), sweeps_root=args.sweeps.resolve() if args.sweeps
-                               else None, token=token, ray_address=args.ray_address, python=args.python)
+                               else None, token=token, ray_address=args.ray_address, python=args.python,
+                               allowed_policies=[p.resolve() for p in args.allow_policy])
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the read endpoints are open to anyone who reaches it",
               file=sys.stderr)
@@ -273,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "-- rl-seg train ...` and locally (a local Ray instance when no address is "
                                        "given). Config from YAML and key=value overrides (see --help-config).")
     _config_args(train)
-    train.add_argument("--resume", action="store_true", help="continue the run folder's latest checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue the run (located by name and run_dir) from its "
+                       "latest checkpoint with its saved config; overrides may change only iterations, "
+                       "stop_after_iterations, progress, ray_address and ray_num_cpus")
     train.set_defaults(func=cmd_train)
 
     tn = sub.add_parser("tune", help="Ray Tune sweep whose trials are PPO runs",
@@ -290,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_arg(sb)
     sb.add_argument("--config", type=Path, required=True, help="train config YAML")
     sb.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    sb.add_argument("--address", default=None, help="dashboard address (default: $RAY_ADDRESS if http, else "
-                    "http://127.0.0.1:8265)")
+    sb.add_argument("--address", default=None, help="dashboard address (default: $RAY_API_SERVER_ADDRESS, else "
+                    "$RAY_ADDRESS if http, else http://127.0.0.1:8265)")
     sb.add_argument("--name", default=None, help="run name (default: the config's name)")
     sb.add_argument("--run-dir", type=Path, default=None, help="parent of the run folder, as the cluster sees it "
                     "(default: the config's run_dir, made absolute; shared storage on a multi-node cluster)")
@@ -330,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--token-file", type=Path, default=None, help="control token file (default: RUNS/.service_"
                     "token, created owner-only; $RL_SEG_SERVICE_TOKEN wins)")
     sv.add_argument("--python", default="python", help="python on the cluster for submitted runs")
+    sv.add_argument("--allow-policy", type=Path, action="append", default=[], metavar="DIR",
+                    help="a policy folder (or a folder of them) whose remote code submitted runs may run "
+                    "(policy.trust_remote_code=true); repeatable. Without it, POST /runs refuses remote code")
     sv.add_argument("--in-cluster", action="store_true", help="run as a detached Ray actor in the cluster (on "
                     "the node it lands on; named rl-seg-status, restarted by Ray if it dies)")
     sv.add_argument("--cluster-address", default=os.environ.get("RL_SEG_GCS_ADDRESS"),
@@ -353,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, help="write the JSON report here (and the sweep plot beside it)")
     ev.add_argument("--device", default=None, help="torch device (default: cpu)")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ev.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint folder with remote code "
+                    "(config.json auto_map, as Sa2VA ships) to run its own Python")
     ev.set_defaults(func=cmd_eval)
 
     merge = sub.add_parser("merge", help="fold a LoRA adapter into its base policy",
@@ -363,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="folder to write the merged policy to")
     merge.add_argument("--policy", default=None, help="base policy (registered name or checkpoint folder); default: "
                        "the adapter's base_model_name_or_path")
+    merge.add_argument("--trust-remote-code", action="store_true", help="allow a base checkpoint folder with "
+                       "remote code (config.json auto_map) to run its own Python")
     merge.set_defaults(func=cmd_merge)
     return parser
 
@@ -387,9 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli_logging(args.verbose)
     try:
         return args.func(args)
-    except (DataError, ConfigError, MergeError, FileNotFoundError, FileExistsError) as exc:
+    except (DataError, ConfigError, MergeError, FileNotFoundError, FileExistsError, RunFolderError, DiskFull) as exc:
         print(f"rl-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a run took its folder: nothing to record
+        print(f"rl-seg {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         if args.command not in JOB_COMMANDS or args.verbose:
             raise

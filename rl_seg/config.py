@@ -3,11 +3,17 @@
 Every field carries a help string (``field(metadata={"help": ...})``), ``rl-seg <cmd> --help-config`` prints
 them, and each run saves its resolved config beside its results. Nested dataclasses are addressed with dotted
 keys (``lora.r=32``); values are parsed as YAML (``data=[drive,arcade]``, ``lr=3e-4``, ``resume=true``).
+
+Bounds sit next to the fields they bound, in the same metadata: ``min`` / ``max`` (inclusive), ``gt`` / ``lt``
+(exclusive), ``choices``. They are checked as a config is built, before its own cross-field checks
+(``__post_init__``) run, so no count of zero reaches a division. Every refusal is one line per problem,
+``field: problem (got value)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -15,7 +21,8 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "merge_trees", "from_dict", "to_dict", "save_config", "describe"]
+__all__ = ["ConfigError", "load_config", "merge_trees", "from_dict", "to_dict", "save_config", "describe",
+           "field_problem", "bound_problems"]
 
 T = TypeVar("T")
 
@@ -42,37 +49,37 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {annotation}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: fits none of {annotation} (got {value!r})")
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {annotation.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping for {annotation.__name__} (got {value!r})")
         return _build(annotation, value, prefix=f"{key}.")
     if origin in (list, tuple, Sequence) or annotation in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list (got {value!r})")
         item = args[0] if args else Any
         items = [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple or annotation is tuple else items
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping (got {value!r})")
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+            raise ConfigError(f"{key}: not one of {list(args)} (got {value!r})")
         return value
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false (got {value!r})")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer (got {value!r})")
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
@@ -81,15 +88,15 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number (got {value!r})")
         return float(value)
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string (got {value!r})")
         return str(value)
     if annotation is Path:
         if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{key}: expected a path, got {value!r}")
+            raise ConfigError(f"{key}: expected a path (got {value!r})")
         return Path(value)
     return value
 
@@ -102,11 +109,48 @@ def _build(cls, values: dict, prefix: str = ""):
                           f"known at this level: {sorted(prefix + f for f in fields)}")
     types_ = _field_types(cls)
     kwargs = {name: _coerce(prefix + name, value, types_[name]) for name, value in values.items()}
+    problems = [problem for name, value in kwargs.items()
+                if (problem := field_problem(prefix + name, value, fields[name].metadata))]
+    if problems:
+        raise ConfigError("\n".join(problems))
     try:
         obj = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{cls.__name__}: {exc}") from exc
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc
     return obj
+
+
+def field_problem(key: str, value: Any, meta: typing.Mapping) -> str | None:
+    """What is wrong with ``value`` under the bounds in a field's metadata, as ``key: problem (got value)``."""
+    if value is None:
+        return None
+    if "choices" in meta and value not in meta["choices"]:
+        return f"{key}: not one of {list(meta['choices'])} (got {value!r})"
+    if isinstance(value, (list, tuple, dict)) and "min_items" in meta and len(value) < meta["min_items"]:
+        return f"{key}: needs at least {meta['min_items']} item(s) (got {value!r})"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value):
+        return f"{key}: must be a finite number (got {value!r})"
+    for bound, fails, words in (("min", lambda v, b: v < b, "must be >="), ("gt", lambda v, b: v <= b, "must be >"),
+                                ("max", lambda v, b: v > b, "must be <="), ("lt", lambda v, b: v >= b, "must be <")):
+        if bound in meta and fails(value, meta[bound]):
+            return f"{key}: {words} {meta[bound]} (got {value!r})"
+    return None
+
+
+def bound_problems(obj, prefix: str = "") -> list[str]:
+    """Every field of a built config (nested sections included) that breaks its bounds."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += bound_problems(value, f"{prefix}{f.name}.")
+        elif (problem := field_problem(prefix + f.name, value, f.metadata)):
+            problems.append(problem)
+    return problems
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

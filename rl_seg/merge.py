@@ -38,13 +38,16 @@ def adapter_base(adapter_dir: str | Path) -> str:
     return base
 
 
-def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, policy: str | Path | None = None) -> Path:
+def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, policy: str | Path | None = None,
+                      trust_remote_code: bool = False) -> Path:
     """Load the base policy, apply the adapter in ``adapter_dir``, merge it and ``save_pretrained(out_dir)``.
 
     ``policy`` (a registered name or a checkpoint folder) overrides the adapter's ``base_model_name_or_path``.
-    The result loads with ``load_policy(out_dir)`` and computes what base + adapter computed.
+    The result loads with ``load_policy(out_dir)`` and computes what base + adapter computed. A base with remote
+    code loads only with ``trust_remote_code``.
     """
     from .policy import load_policy
+    from .policy.base import RemoteCodeError
     from .policy.default_model import DEFAULT_CHECKPOINT
     from .policy.lora import load_adapter, merge_adapter
 
@@ -63,7 +66,9 @@ def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, policy: str 
                          "checkpoint; choose another --out")
 
     try:
-        model = load_policy(base)
+        model = load_policy(base, trust_remote_code=trust_remote_code)
+    except RemoteCodeError:
+        raise
     except (FileNotFoundError, ValueError) as exc:
         raise MergeError(f"base policy {base!r} (from {source}) cannot be loaded: {exc}") from exc
     try:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from .run_metrics import read_metrics
 
 __all__ = ["plot_run_curves", "read_metrics", "before_after_picture", "WARM_START_CURVE", "OUTCOME_COLOURS"]
 
@@ -15,11 +16,6 @@ WARM_START_CURVE = "warm_start_val_curve.json"
 #: Overlay colours (``rl_seg.evaluate.overlay``) and what they mean.
 OUTCOME_COLOURS = (((255, 255, 255), "found (true vessel)"), ((230, 30, 30), "missed (false negative)"),
                    ((40, 90, 255), "false vessel (false positive)"))
-
-
-def read_metrics(run_path: Path) -> list[dict]:
-    path = Path(run_path) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_run_curves(run_path: Path, out: Path | None = None) -> Path:

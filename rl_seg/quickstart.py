@@ -26,7 +26,8 @@ from .plots import WARM_START_CURVE, before_after_picture, plot_run_curves
 from .policy import load_policy
 from .policy.lora import load_adapter
 from .ppo.config import TrainConfig
-from .ppo.states import load_states
+from .ppo.states import State, load_states
+from .run_outcome import RunInterrupted, exit_now
 from .score import SWEEP, best_threshold, precision_above_curve, score_probabilities, threshold_curve
 from .train import run_training
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         # The run folder's driver.log also takes what the evaluation around the job logs (library warnings).
         with driver_session(cfg.run_path / LOG_DIR):
             return _quickstart(cfg)
+    except RunInterrupted as exc:  # recorded in the run folder with the command that resumes it
+        print(f"\nrl-seg quickstart: {exc}", file=sys.stderr)
+        exit_now(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - one line on the console, the traceback in the run's logs
         from .cli import report_job_error
 
@@ -71,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quickstart(cfg: TrainConfig) -> int:
     val, val_native = validation_images(cfg)
-    warm = load_policy(cfg.policy.name)
+    trust = cfg.policy.trust_remote_code
+    warm = load_policy(cfg.policy.name, trust_remote_code=trust)
     before = score_probabilities(list(zip(val, predict_probabilities(warm, val))), SWEEP, progress=False)
     summary = run_training(cfg)
-    tuned = load_adapter(load_policy(cfg.policy.name), summary["final_adapter"])
+    tuned = load_adapter(load_policy(cfg.policy.name, trust_remote_code=trust), summary["final_adapter"])
     after = score_probabilities(list(zip(val, predict_probabilities(tuned, val))), [0.5], progress=False)
     (cfg.run_path / WARM_START_CURVE).write_text(json.dumps(
         [{"threshold": float(t), **m} for t, m in before["thresholds"].items()], indent=1) + "\n")

@@ -4,8 +4,10 @@ The status service (``rl-seg serve``) shows only what runs write here, so a rest
 runs, and a run's actors dying and coming back never break it. Writers replace files atomically (write, then
 rename) because the service may read at any moment.
 
-- ``run_state.json``  the driver: state (running / succeeded / failed / stopped), start and end times, pid,
-  host, Ray job and submission ids, the error of a failed run.
+- ``run_state.json``  the driver (``rl_seg.run_session``): state (starting / running / succeeded / failed /
+  stopped / interrupted), start and end times, pid, host, Ray job and submission ids of the session now running
+  it, the error of a failed run, the last checkpoint and the command that resumes it.
+- ``run.lock``        held by the driver for the whole session (``rl_seg.run_lock``): one writer per run folder.
 - ``health.json``     learner rank 0, every iteration: rollout actors (alive, restarts, requests redone),
   reward pool (actors, scored, failed, timeouts, restarts), learner group (world size, starts), iteration and
   adapter version.
@@ -27,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["RUN_STATE", "HEALTH", "STOP_REQUEST", "SAMPLE_PNG", "SAMPLE_INFO", "write_json_atomic", "read_json",
-           "update_run_state", "request_stop", "stop_requested", "write_sample_overlay", "SUBMISSION_ENV"]
+           "write_json_in_place", "owner", "request_stop", "stop_requested", "write_sample_overlay",
+           "SUBMISSION_ENV", "NAME_PATTERN"]
 
 RUN_STATE = "run_state.json"
 HEALTH = "health.json"
@@ -36,16 +39,37 @@ SAMPLE_PNG = "samples/latest.png"
 SAMPLE_INFO = "samples/latest.json"
 #: Set by `rl-seg submit` and the service's submit endpoint, so a run knows the Ray job that carries it.
 SUBMISSION_ENV = "RL_SEG_SUBMISSION_ID"
+#: Run and sweep names: one path component, no dot first (no "..", no hidden files).
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, default=str) + "\n").encode()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """Write, then rename over ``path``: a reader sees the old file or the new one. A failed write (disk full)
+    leaves no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(_json_bytes(data))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_in_place(path: Path, data: dict) -> None:
+    """Overwrite an existing file's bytes without a temporary file: on a full disk this still succeeds while
+    the new text fits in the blocks the file already holds (not atomic: the last resort of a final state)."""
+    with open(path, "r+b") as fh:
+        fh.write(_json_bytes(data))
+        fh.truncate()
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def read_json(path: Path) -> dict | None:
@@ -57,16 +81,9 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def update_run_state(run_path: Path, **fields) -> dict:
-    """Merge ``fields`` into run_state.json (only the driver writes it, so read-modify-write is safe)."""
-    state = read_json(Path(run_path) / RUN_STATE) or {}
-    if "pid" not in state:
-        state.update(pid=os.getpid(), host=socket.gethostname())
-        if os.environ.get(SUBMISSION_ENV):
-            state["submission_id"] = os.environ[SUBMISSION_ENV]
-    state.update(fields, updated=time.time())
-    write_json_atomic(Path(run_path) / RUN_STATE, state)
-    return state
+def owner() -> dict:
+    """Who is writing: this process, its host and the Ray job submission carrying it (if any)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "submission_id": os.environ.get(SUBMISSION_ENV)}
 
 
 def request_stop(run_path: Path, reason: str = "stop requested") -> dict:
@@ -89,7 +106,11 @@ def write_sample_overlay(run_path: Path, image: np.ndarray, mask: np.ndarray, gt
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".latest.", suffix=".png")
     os.close(fd)
-    iio.imwrite(tmp, overlay(image, mask, gt, fov))
-    os.replace(tmp, out)
+    try:
+        iio.imwrite(tmp, overlay(image, mask, gt, fov))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     write_json_atomic(Path(run_path) / SAMPLE_INFO, {"time": time.time(), **info})
     return out

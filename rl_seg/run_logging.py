@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .console import show
+from .run_metrics import supersede
 
 __all__ = ["RunLogger", "GAUGES", "progress_lines"]
 
@@ -30,15 +31,20 @@ PHASES = ("rollout", "reward", "learn", "sync", "export", "iteration")
 
 class RunLogger:
     def __init__(self, run_path: Path, enable_gauges: bool = False, tensorboard: bool = True, progress: bool = True,
-                 iterations: int | None = None):
+                 iterations: int | None = None, resume_at: int | None = None):
+        """``resume_at``: the iteration a restarted learner group continues after; what was logged for later
+        iterations is superseded (rl_seg.run_metrics), in metrics.jsonl and, by its purge step, in TensorBoard."""
         self.run_path = Path(run_path)
         self.run_path.mkdir(parents=True, exist_ok=True)
+        if resume_at is not None:
+            supersede(self.run_path, resume_at)
         self._jsonl = (self.run_path / "metrics.jsonl").open("a")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_path / "tensorboard"))
+            self._tb = SummaryWriter(str(self.run_path / "tensorboard"),
+                                     purge_step=None if resume_at is None else resume_at + 1)
         self._gauges = self._make_gauges(self.run_path.name) if enable_gauges else None
         self.progress = progress
         self.iterations = iterations

@@ -44,19 +44,22 @@ class SFTConfig:
         "help": "'base' or 'tiny' (fresh default model of that size), or a checkpoint folder to continue from"})
     model_overrides: dict = field(default_factory=dict, metadata={
         "help": "fields of the fresh model's DefaultModelConfig to change, e.g. {enc_channels: [24, 48, 96, 192]}"})
-    steps: int = field(default=4000, metadata={"help": "optimizer steps"})
+    steps: int = field(default=4000, metadata={"help": "optimizer steps", "min": 1})
     max_minutes: float | None = field(default=None, metadata={
-        "help": "stop (after a final validation and checkpoint) once training has run this long"})
-    batch_size: int = field(default=16, metadata={"help": "crops per step"})
-    crop: int = field(default=256, metadata={"help": "square crop size (images smaller than this are padded)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up, then cosine decay to 0"})
+        "help": "stop (after a final validation and checkpoint) once training has run this long", "gt": 0})
+    batch_size: int = field(default=16, metadata={"help": "crops per step", "min": 1})
+    crop: int = field(default=256, metadata={"help": "square crop size (images smaller than this are padded)",
+                                              "min": 8})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate", "gt": 0})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay", "min": 0})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up, then cosine decay to 0", "min": 0})
     bce_weight: float = field(default=2.0, metadata={"help": "BCE weight (Sa2VA: 2.0)"})
     dice_weight: float = field(default=0.5, metadata={"help": "soft-Dice weight (Sa2VA: 0.5)"})
-    val_every: int = field(default=500, metadata={"help": "validate and checkpoint every N steps"})
-    val_limit: int | None = field(default=None, metadata={"help": "validate on at most N images per dataset"})
-    train_limit: int | None = field(default=None, metadata={"help": "train on at most N images per dataset"})
+    val_every: int = field(default=500, metadata={"help": "validate and checkpoint every N steps", "min": 1})
+    val_limit: int | None = field(default=None, metadata={"help": "validate on at most N images per dataset",
+                                                           "min": 1})
+    train_limit: int | None = field(default=None, metadata={"help": "train on at most N images per dataset",
+                                                             "min": 1})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu' or 'cuda'"})
     seed: int = field(default=0, metadata={"help": "seed of the crop sampler and the initialization"})
     resume: bool = field(default=False, metadata={"help": "continue from out/checkpoint if it exists"})

@@ -1,3 +1,5 @@
+import contextlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -13,7 +15,34 @@ SAMPLES = REPO / "data" / "samples"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sa2va_replica.stubs import STUBBED_PACKAGES, STUBS, stub_root, use_test_stubs  # noqa: E402,F401
 
+
 use_test_stubs()
+
+
+@contextlib.contextmanager
+def stubs_hidden():
+    """Import a library that probes for torchvision (torchmetrics asks whether it is importable, then imports
+    torchvision.models, which the stub does not have) as it would load on a machine without torchvision."""
+    root = stub_root([name for name in STUBBED_PACKAGES if not _is_real(name)])
+    hidden = {name: module for name, module in sys.modules.items()
+              if name.split(".")[0] in STUBBED_PACKAGES and not _is_real(name.split(".")[0])}
+    for name in hidden:
+        del sys.modules[name]
+    on_path = root is not None and str(root) in sys.path
+    if on_path:
+        sys.path.remove(str(root))
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if on_path:
+            sys.path.append(str(root))
+        sys.modules.update(hidden)
+
+
+def _is_real(name: str) -> bool:
+    spec = importlib.util.find_spec(name)
+    return spec is not None and str(STUBS) not in (spec.origin or "") and "rl-seg-test-stubs" not in (spec.origin or "")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ endpoint, restart the service, check the dashboard API wants the token, run the 
 cluster, stop the head.
 """
 
+import json
 import os
 import re
 import signal
@@ -121,9 +122,50 @@ class Service:
         self.proc.wait(timeout=30)
 
 
+def listening(pids) -> set[str]:
+    """The addresses the given processes accept connections on."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        try:
+            found |= {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == "LISTEN"}
+        except psutil.Error:
+            continue
+    return found
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
+
+
+def test_head_env_and_rl_seg_agree_on_the_address_and_the_head_listens_on_loopback_only(cluster):
+    import psutil
+
+    env, head = cluster["env"], cluster["head"]
+    gcs = head["RL_SEG_GCS_ADDRESS"]
+    assert head["RAY_ADDRESS"] == gcs  # what ray.init, `rl-seg train` and `ray status` join
+    join = [sys.executable, "-c", "from rl_seg.ray_env import init_ray; print(init_ray().gcs_address)"]
+    for given in ({"RAY_ADDRESS": head["RAY_ADDRESS"]},  # head.env sourced, as the README says
+                  {"RAY_ADDRESS": head["RAY_API_SERVER_ADDRESS"], "RL_SEG_GCS_ADDRESS": gcs}):  # the dashboard's
+        joined = subprocess.run(join, env={**env, "PYTHONPATH": str(REPO), **given}, capture_output=True, text=True,
+                                timeout=120)
+        assert joined.returncode == 0 and joined.stdout.strip() == gcs, joined.stderr[-2000:]
+    pgid = int(head["RL_SEG_HEAD_PGID"])
+    pids = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == pgid]
+    addresses = listening(pids)
+    assert addresses and addresses <= LOOPBACK, addresses
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
 def test_local_cluster_submit_watch_stop(cluster, tiny_setup):
     env, head = cluster["env"], cluster["head"]
-    dashboard = head["RAY_ADDRESS"]
+    dashboard = head["RAY_API_SERVER_ADDRESS"]
     assert dashboard == f"http://127.0.0.1:{cluster['dashboard_port']}"
     runs = tiny_setup["runs"]
 
@@ -139,12 +181,15 @@ def test_local_cluster_submit_watch_stop(cluster, tiny_setup):
     try:
         # 3. a second, long run submitted through the service's control endpoint: token required
         body = {"name": "long", "base": None, "config": {**tiny_setup["config_dict"], "iterations": 500,
-                                                         "checkpoint_every": 100, "val_every": 100}}
+                                                         "checkpoint_every": 2, "val_every": 100}}
         assert requests.post(service.url + "/runs", json=body).status_code == 401
         assert requests.post(service.url + "/runs", json=body, headers={"Authorization": "Bearer no"}).status_code == 403
         created = requests.post(service.url + "/runs", json=body, headers=auth)
         assert created.status_code == 201, created.text
         long_job = created.json()["submission_id"]
+        # the same name again, before the first job has made its run folder: refused, naming that job
+        again = requests.post(service.url + "/runs", json=body, headers=auth)
+        assert again.status_code == 409 and long_job in again.json()["detail"], again.text
 
         out, _ = submit.communicate(timeout=900)
         assert submit.returncode == 0, out[-3000:]
@@ -171,16 +216,19 @@ def test_local_cluster_submit_watch_stop(cluster, tiny_setup):
         long_run = service.get("/runs/long").json()
         assert long_run["state"] == "running" and long_run["job"]["status"] == "RUNNING"
 
-        # 5. stop it through the control endpoint: token required; it ends checkpointed, as "stopped"
+        # 5. stop it through the control endpoint, forced (Ray's job API stops the job: SIGTERM to its driver):
+        # token required; it is recorded as "stopped" (not "failed"), with the command that resumes it
         assert requests.post(service.url + "/runs/long/stop", json={}).status_code == 401
-        stopped = requests.post(service.url + "/runs/long/stop", json={"reason": "e2e"}, headers=auth)
-        assert stopped.status_code == 200, stopped.text
-        final = wait_for(lambda: (lambda r: r if r["job"] and r["job"]["status"] == "SUCCEEDED" else None)(
+        stopped = requests.post(service.url + "/runs/long/stop", json={"reason": "e2e", "force": True}, headers=auth)
+        assert stopped.status_code == 200 and stopped.json()["job_stopped"], stopped.text
+        final = wait_for(lambda: (lambda r: r if r["job"] and r["job"]["status"] == "STOPPED" else None)(
             service.get("/runs/long").json()), 300, "the stopped run's job to end")
-        assert final["state"] == "stopped" and final["iteration"] < 500
-        assert max(c["iteration"] or 0 for c in service.get("/runs/long/checkpoints").json()) == final["iteration"]
+        assert final["state"] == "stopped" and final["iteration"] < 500 and final["error"] is None, final
+        assert final["resume_command"] == f"rl-seg train --resume run_dir={runs.resolve()} name=long"
+        kept = [c["iteration"] for c in service.get("/runs/long/checkpoints").json()]
+        assert final["last_checkpoint"] == max(kept) and len(kept) <= 3  # keep_checkpoints
         jobs = {j["submission_id"]: j["status"] for j in service.get("/jobs").json()}
-        assert jobs[long_job] == "SUCCEEDED" and len(jobs) == 2
+        assert jobs[long_job] == "STOPPED" and len(jobs) == 2
 
         # 6. a restarted service shows the same runs
         before = service.get("/runs").json()

@@ -1,13 +1,20 @@
 """The PPO job on the real stack (Ray, Ray Train, DeepSpeed on gloo, the reward pool), with a tiny policy.
 
-End to end, a rollout actor killed mid-run, a learner worker killed mid-run, and an exact resume.
+End to end, a rollout actor killed mid-run, a learner worker killed mid-run, and an exact resume; and how runs
+end (issue 16): a second driver refused, Ctrl-C and SIGTERM recorded as interruptions with the command that
+resumes them (exit 130 / 143, no stack dump), a restart under the same name, a stop through the status service,
+spent restart budgets and a full disk named as such.
 """
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +23,15 @@ from safetensors.torch import load_file
 from rl_seg.config import load_config
 from rl_seg.policy.default_model import DefaultModelConfig, DefaultSegModel
 from rl_seg.ppo.config import TrainConfig
-from rl_seg.train import latest_checkpoint, run_training
+from rl_seg.run_checkpoints import list_checkpoints
+from rl_seg.run_lock import RunFolderError
+from rl_seg.train import RunFailed, latest_checkpoint, run_training
+
+from mounts import fill, tmpfs
 
 pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +40,53 @@ def tiny_policy(tmp_path_factory):
     return DefaultSegModel(DefaultModelConfig.tiny()).save_pretrained(tmp_path_factory.mktemp("tiny") / "policy")
 
 
-def config(tmp_path, tiny_policy, name, *overrides) -> TrainConfig:
-    return load_config(TrainConfig, None, [
-        f"name={name}", f"run_dir={tmp_path}", f"policy.name={tiny_policy}", "iterations=2", "seed=3",
-        "data.datasets=[drive-sample,arcade-sample]", "data.image_size=48", "data.images_per_iteration=4",
-        "data.val_limit=1", "rollout.num_workers=2", "rollout.num_cpus=0.25", "rollout.samples_per_image=3",
-        "reward.num_actors=2", "reward.num_cpus=0.25", "learner.num_workers=2", "learner.cpus_per_worker=0.5",
-        "ppo.lr=5e-3", "ppo.warmup_steps=1", "policy.lora.dropout=0.0", "checkpoint_every=1", "val_every=1",
-        "progress=false", *overrides])
+def overrides(tmp_path, tiny_policy, name, *extra) -> list[str]:
+    return [f"name={name}", f"run_dir={tmp_path}", f"policy.name={tiny_policy}", "iterations=2", "seed=3",
+            "data.datasets=[drive-sample,arcade-sample]", "data.image_size=48", "data.images_per_iteration=4",
+            "data.val_limit=1", "rollout.num_workers=2", "rollout.num_cpus=0.25", "rollout.samples_per_image=3",
+            "reward.num_actors=2", "reward.num_cpus=0.25", "learner.num_workers=2", "learner.cpus_per_worker=0.5",
+            "ppo.lr=5e-3", "ppo.warmup_steps=1", "policy.lora.dropout=0.0", "checkpoint_every=1", "val_every=1",
+            "progress=false", *extra]
+
+
+#: One rollout actor, reward actor and learner: enough for the tests of how runs end, and quicker to start.
+SMALL = ("rollout.num_workers=1", "reward.num_actors=1", "learner.num_workers=1", "data.images_per_iteration=2")
+
+
+def config(tmp_path, tiny_policy, name, *extra) -> TrainConfig:
+    return load_config(TrainConfig, None, overrides(tmp_path, tiny_policy, name, *extra))
+
+
+def driver(ray, tmp_path, args: list[str], log: str) -> subprocess.Popen:
+    """`rl-seg train` as its own process (as an operator runs it), joining the tests' Ray instance; its stdout and
+    stderr go to files (Ray's worker logs would fill a pipe)."""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "rl_seg.cli", "train", *args], env=env,
+                            stdout=open(tmp_path / f"{log}.out", "w"), stderr=open(tmp_path / f"{log}.err", "w"))
+
+
+def wait_for(predicate, timeout_s: float = 240, what: str = "it"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def logged(run_path) -> int:
+    path = run_path / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def run_state(run_path) -> dict:
+    return json.loads((run_path / "run_state.json").read_text())
+
+
+def own_lines(text: str) -> list[str]:
+    """The driver's own console lines (Ray prefixes what its workers print with their name and pid)."""
+    return [line for line in text.splitlines() if line.strip() and not re.match(r"(\x1b\[[0-9;]*m)*\(", line)]
 
 
 def records(run_path):
@@ -69,6 +121,20 @@ def test_end_to_end_two_iterations(ray_local, tmp_path, tiny_policy):
     assert summary["metrics"]["iteration"] == 2
 
 
+def test_a_local_instance_registers_and_listens_on_loopback_only(ray_local):
+    """The tests' instance is started as `rl-seg train` starts its own (rl_seg.ray_env.init_ray, no address): it
+    must register 127.0.0.1 and listen nowhere else (its GCS, raylet, dashboard, agents and workers)."""
+    import psutil
+
+    from test_cluster_local_on_ray import LOOPBACK, listening
+
+    assert ray_local.get(ray_local.remote(lambda: 1).remote()) == 1  # a worker process of its own too
+    assert [n["NodeManagerAddress"] for n in ray_local.nodes()] == ["127.0.0.1"]
+    me = psutil.Process()
+    addresses = listening([me.pid] + [child.pid for child in me.children(recursive=True)])
+    assert addresses and addresses <= LOOPBACK, addresses
+
+
 def _kill_when(run_path, iteration, find_pid, sig=signal.SIGKILL, timeout=240):
     """From a thread: wait until `iteration` is logged, then kill the process find_pid() names."""
     killed = {}
@@ -76,9 +142,12 @@ def _kill_when(run_path, iteration, find_pid, sig=signal.SIGKILL, timeout=240):
     def watch():
         deadline = time.time() + timeout
         while time.time() < deadline:
-            path = run_path / "metrics.jsonl"
-            if path.exists() and any(json.loads(x)["iteration"] >= iteration for x in path.read_text().splitlines()):
-                pid = find_pid()
+            if logged(run_path) >= iteration:
+                try:
+                    pid = find_pid()
+                except Exception:  # noqa: BLE001 - Ray's state API may not answer yet: ask again
+                    time.sleep(0.5)
+                    continue
                 os.kill(pid, sig)
                 killed["pid"] = pid
                 return
@@ -92,7 +161,9 @@ def _kill_when(run_path, iteration, find_pid, sig=signal.SIGKILL, timeout=240):
 def _actor_pid(class_name, ray):
     from ray.util.state import list_actors
 
-    alive = [a for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
+    # this instance's address: on a shared machine Ray's state API otherwise finds several and answers none
+    alive = [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                    filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
     assert alive, f"no live {class_name}"
     return int(alive[0]["pid"])
 
@@ -121,6 +192,9 @@ def test_resume_continues_exactly(ray_local, tmp_path, tiny_policy):
     assert not (part.run_path / "final_adapter").exists()
     resumed = config(tmp_path, tiny_policy, "part", *common, "resume=true")
     run_training(resumed)
+    state = json.loads((part.run_path / "run_state.json").read_text())
+    assert state["state"] == "succeeded" and state["sessions"] == 2 and state["resumed_from_iteration"] == 2
+    assert state["resume_changes"] == {"stop_after_iterations": [2, None]} and state["resume_command"] is None
     a, b = records(whole.run_path), records(part.run_path)
     assert [r["iteration"] for r in b] == [1, 2, 3, 4]
     assert [r["batch_ids"] for r in a] == [r["batch_ids"] for r in b]  # same next batch
@@ -172,24 +246,166 @@ def test_augmented_masks_are_scored_against_their_own_view(ray_local, tmp_path, 
         pool.shutdown()
 
 
-def test_resume_without_checkpoint_and_rerun_are_clear_errors(ray_local, tmp_path, tiny_policy):
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+def test_resume_without_a_run_and_rerun_are_clear_errors(ray_local, tmp_path, tiny_policy):
+    with pytest.raises(RunFolderError, match="holds no run to resume"):
         run_training(config(tmp_path, tiny_policy, "nothing", "resume=true"))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "metrics.jsonl").write_text("")
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(RunFolderError, match=r"already holds a run .*rl-seg train --resume run_dir=\S+ name=taken"):
         run_training(config(tmp_path, tiny_policy, "taken"))
 
 
 def test_killed_learner_worker_restarts_group_from_checkpoint(ray_local, tmp_path, tiny_policy):
-    cfg = config(tmp_path, tiny_policy, "kill-learner", "iterations=4", "checkpoint_every=2", "val_every=0",
-                 "learner.max_failures=1")
+    from test_run_integrity_on_cpu import _scalar_steps
+
+    args = overrides(tmp_path, tiny_policy, "kill-learner", "iterations=4", "checkpoint_every=2", "val_every=0",
+                     "learner.max_failures=1", "keep_checkpoints=1")
+    cfg = load_config(TrainConfig, None, args)
     thread, killed = _kill_when(cfg.run_path, 3, lambda: _actor_pid("RayTrainWorker", ray_local))
+    # a second driver for the same run folder, started once the first holds it: refused, naming the holder
+    second = {}
+
+    def start_second():
+        wait_for(lambda: (cfg.run_path / "run.lock").exists(), what="the first driver's lock")
+        try:
+            run_training(load_config(TrainConfig, None, args))
+        except RunFolderError as exc:
+            second["refused"] = str(exc)
+
+    threading.Thread(target=start_second, daemon=True).start()
     run_training(cfg)
     thread.join(5)
     assert killed, "no learner worker was killed"
-    its = [r["iteration"] for r in records(cfg.run_path)]
-    assert its[-1] == 4 and set(its) == {1, 2, 3, 4}
-    # the restarted group continued from the iteration-2 checkpoint, so iteration 3 ran (and was logged) twice
-    assert its.count(3) == 2 and its.count(1) == 1 and its.count(2) == 1
+    # the restarted group continued from the iteration-2 checkpoint and redid iteration 3, which is recorded once:
+    # in metrics.jsonl, in what the status service and the curves read, in TensorBoard
+    assert [r["iteration"] for r in records(cfg.run_path)] == [1, 2, 3, 4]
+    assert _scalar_steps(cfg.run_path / "tensorboard", "reward") == [1, 2, 3, 4]
+    assert json.loads((cfg.run_path / "health.json").read_text())["learner"]["starts"] == 2
     assert (cfg.run_path / "final_adapter" / "adapter_model.safetensors").is_file()
+    assert [c.iteration for c in list_checkpoints(cfg.run_path)] == [4]  # keep_checkpoints=1
+    assert f"kill-learner is in use by pid {os.getpid()} on host" in second["refused"]
+    assert len(records(cfg.run_path)) == 4  # it wrote nothing
+
+
+def test_ctrl_c_before_the_first_checkpoint_then_restart_under_its_name_and_stop_through_the_service(
+        ray_local, tmp_path, tiny_policy):
+    import requests
+
+    from rl_seg.cli import main
+    from rl_seg.service import ServiceSettings, StatusServer
+    from rl_seg.service.store import RunStore
+
+    name, run_path = "cut", tmp_path / "cut"
+    first = driver(ray_local, tmp_path, overrides(tmp_path, tiny_policy, name, *SMALL, "iterations=200",
+                                                  "checkpoint_every=100", "val_every=0"), "first")
+    wait_for(lambda: logged(run_path) >= 1 or first.poll() is not None, what="the first iteration")
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=60) == 130
+    state = run_state(run_path)
+    assert state["state"] == "interrupted" and state["reason"] == "SIGINT received"
+    assert state["last_checkpoint"] is None and latest_checkpoint(run_path) is None
+    command = f"rl-seg train --resume run_dir={tmp_path.resolve()} name={name}"
+    assert state["resume_command"] == command
+    err = own_lines((tmp_path / "first.err").read_text())
+    assert not [line for line in err if "Traceback" in line or "Fatal" in line], err
+    assert f"  resume: {command}" in err
+
+    # the same name restarts (no checkpoint: from iteration 0), as this process; the service shows it running
+    # (not "lost", which it showed while run_state kept the first driver's pid) and stops it
+    token = "t-16"
+    service = StatusServer(ServiceSettings(runs_root=tmp_path, token=token), port=0).start()
+    seen = {}
+
+    def watch():
+        wait_for(lambda: logged(run_path) >= 2 and run_state(run_path)["pid"] == os.getpid(), what="the restart")
+        seen["summary"] = RunStore(tmp_path).run_summary(name)
+        seen["stop"] = requests.post(f"{service.url}/runs/{name}/stop", json={"reason": "test"},
+                                     headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert main(["train", "--resume", f"run_dir={tmp_path}", f"name={name}", "iterations=60"]) == 0
+    finally:
+        service.stop()
+    watcher.join(10)
+    assert seen["summary"]["state"] == "running" and seen["stop"] == 200
+    state = run_state(run_path)
+    assert state["state"] == "stopped" and state["pid"] == os.getpid() and state["sessions"] == 2
+    assert state["resume_changes"] == {"iterations": [200, 60]}
+    done = state["completed_iterations"]
+    assert 2 <= done < 60 and state["last_checkpoint"]["iteration"] == done and state["resume_command"] == command
+    assert [r["iteration"] for r in records(run_path)] == list(range(1, done + 1))  # once each, from 1 again
+
+
+def test_sigterm_is_recorded_as_interrupted_with_exit_143_and_no_stack_dump(ray_local, tmp_path, tiny_policy):
+    run_path = tmp_path / "term"
+    proc = driver(ray_local, tmp_path, overrides(tmp_path, tiny_policy, "term", *SMALL, "iterations=200",
+                                                 "val_every=0"), "term")
+    wait_for(lambda: logged(run_path) >= 3 or proc.poll() is not None, what="three iterations")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    state = run_state(run_path)
+    assert state["state"] == "interrupted" and state["reason"] == "SIGTERM received"
+    assert state["last_checkpoint"]["iteration"] >= 2 and "rl-seg train --resume" in state["resume_command"]
+    err = own_lines((tmp_path / "term.err").read_text())
+    assert not [line for line in err if any(w in line for w in ("Traceback", "Fatal", "Aborted", "core dumped"))]
+    assert any("interrupted after iteration" in line for line in err), err
+    assert any(line.startswith("  resume: rl-seg train --resume") for line in err), err
+
+
+@pytest.mark.parametrize("role, budget", [("RolloutWorker", "rollout.max_restarts=0"),
+                                          ("RayTrainWorker", "learner.max_failures=0")])
+def test_a_spent_restart_budget_is_named(ray_local, tmp_path, tiny_policy, role, budget):
+    # long enough that the kill (found through Ray's state API, which can take a while) comes mid-run
+    cfg = config(tmp_path, tiny_policy, "budget", *SMALL, "iterations=2000", "val_every=0", "learner.max_failures=0",
+                 budget)
+    thread, killed = _kill_when(cfg.run_path, 2, lambda: _actor_pid(role, ray_local))
+    with pytest.raises(RunFailed, match=f"restart budget exhausted: .*{budget}"):
+        run_training(cfg)
+    thread.join(5)
+    assert killed
+    state = run_state(cfg.run_path)
+    assert state["state"] == "failed" and state["error"].startswith("restart budget exhausted")
+    assert budget in state["error"] and len(state["error"]) < 400, state["error"]
+    assert state["resume_command"] and state["last_checkpoint"]["iteration"] >= 1
+
+
+def test_a_full_disk_fails_the_run_naming_the_path_and_leaves_no_temporary_files(ray_local, tmp_path, tiny_policy):
+    with tmpfs(tmp_path / "disk", size="16m") as disk:
+        cfg = config(disk, tiny_policy, "full", *SMALL, "iterations=2000", "val_every=0", "learner.max_failures=0")
+        filled = {}
+
+        def fill_after_two_iterations():
+            wait_for(lambda: logged(cfg.run_path) >= 2, what="two iterations")
+            filled["ballast"] = fill(disk)
+
+        threading.Thread(target=fill_after_two_iterations, daemon=True).start()
+        with pytest.raises(RunFailed, match=f"disk full: .*{disk}"):
+            run_training(cfg)
+        assert filled["ballast"].exists()
+        state = run_state(cfg.run_path)  # written with the disk still full
+        assert state["state"] == "failed" and state["error"].startswith("disk full") and str(disk) in state["error"]
+        assert not list(cfg.run_path.rglob("*.tmp")) and not list(cfg.run_path.rglob(".*.tmp"))
+
+
+def test_a_nan_stops_the_run_naming_what_where_and_the_last_good_checkpoint(ray_local, tmp_path, tiny_policy):
+    """A step of 1e30 makes the next loss non-finite: the run must fail with the what and where, not "complete"
+    with NaN metrics, and keep a checkpoint to resume from."""
+    from rl_seg.guards import NonFiniteError
+
+    cfg = config(tmp_path, tiny_policy, "nan", "iterations=4", "ppo.lr=1e30", "ppo.max_grad_norm=1e30",
+                 "checkpoint_every=1")
+    with pytest.raises(NonFiniteError) as info:
+        run_training(cfg)
+    message = str(info.value)
+    assert re.search(r"non-finite values at iteration \d \((before the update|epoch \d)\): rank [01]: ", message)
+    assert "last good checkpoint:" in message and "resume" in message
+    record = json.loads((cfg.run_path / "non_finite.json").read_text())
+    good = Path(record["last_good_checkpoint"])
+    assert (good / "checkpoint.json").is_file() and record["last_good_iteration"] < record["iteration"]
+    state = json.loads((cfg.run_path / "run_state.json").read_text())
+    assert state["state"] == "failed" and "non-finite" in state["error"]
+    assert not (cfg.run_path / "final_adapter").exists()
+    rows = records(cfg.run_path)
+    assert len(rows) < 4 and all(r["iteration"] < record["iteration"] for r in rows)

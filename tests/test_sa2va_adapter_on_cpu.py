@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from rl_seg.policy import DEFAULT_PROMPT, load_policy
+from rl_seg.policy.base import RemoteCodeError
 from rl_seg.policy.lora import LoraSettings, attach_lora, load_adapter, lora_module_names
 from rl_seg.policy.sa2va import (LORA_TARGET_PRESETS, QWEN_VL_LORA_PRESETS, Sa2VAInputs, Sa2VAPolicy, Sa2VAQwenPolicy,
                                  binarize_like_predict_forward, split_into_tiles, tile_grid,
@@ -84,7 +85,7 @@ def test_load_recognises_the_family_and_needs_trust(replica, policies):
     expected = Sa2VAPolicy if family in INTERNVL else Sa2VAQwenPolicy
     assert isinstance(policies, expected)
     assert config["auto_map"]["AutoModel"].endswith(expected.architectures[0])
-    with pytest.raises(PermissionError, match="policy.trust_remote_code=true"):
+    with pytest.raises(RemoteCodeError, match="policy.trust_remote_code=true"):
         load_policy(path)
     if family in INTERNVL:
         assert policies.llm_family == family

@@ -60,7 +60,7 @@ def test_attn_mask_utils_shim(folders, tmp_path):
         compat.load_remote_model(path, skip=("attn_mask_utils_shim",))
     model, _, _ = compat.load_remote_model(path)
     assert model is not None
-    with pytest.raises(compat.RemoteCodeError, match="Phi-3"):  # the stand-in never computes a wrong mask
+    with pytest.raises(compat.UnsupportedEnvironment, match="Phi-3"):  # the stand-in never computes a wrong mask
         compat._phi3_mask_stand_in()
 
 
@@ -144,13 +144,13 @@ def test_unsupported_transformers_is_refused_with_the_fix(monkeypatch):
     installed = sys.modules["transformers"]
     for version in ("5.99.0", "4.40.0", "6.0.0"):
         monkeypatch.setattr(installed, "__version__", version)
-        with pytest.raises(compat.RemoteCodeError) as info:
+        with pytest.raises(compat.UnsupportedEnvironment) as info:
             compat.check_versions()
         assert f"transformers {version}" in str(info.value) and "pip install" in str(info.value)
         assert "5.24.0" in str(info.value) and "4.57" in str(info.value)
     monkeypatch.setattr(installed, "__version__", "4.56.2")
     compat.check_versions("Qwen2ForCausalLM")
-    with pytest.raises(compat.RemoteCodeError, match="Qwen3VLForConditionalGeneration needs transformers >= 4.57"):
+    with pytest.raises(compat.UnsupportedEnvironment, match="Qwen3VLForConditionalGeneration needs transformers >= 4.57"):
         compat.check_versions("Qwen3VLForConditionalGeneration")
 
 
@@ -158,7 +158,7 @@ def test_missing_or_broken_packages_are_named(folders, tmp_path, monkeypatch):
     path = fresh_copy(folders["qwen2"], tmp_path, "ckpt_imports")
     modeling = path / "modeling_sa2va_chat.py"
     modeling.write_text("import rl_seg_no_such_package\n" + modeling.read_text())
-    with pytest.raises(compat.RemoteCodeError, match=r"rl_seg_no_such_package \(imported by modeling_sa2va_chat.py\) "
+    with pytest.raises(compat.UnsupportedEnvironment, match=r"rl_seg_no_such_package \(imported by modeling_sa2va_chat.py\) "
                                                      r"is not installed.*make sa2va"):
         load_policy(path, trust_remote_code=True)
 
@@ -169,7 +169,7 @@ def test_missing_or_broken_packages_are_named(folders, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setattr(compat, "REMOTE_CODE_IMPORTS", compat.REMOTE_CODE_IMPORTS + ("rl_seg_fake_vision",))
     modeling.write_text(modeling.read_text().replace("rl_seg_no_such_package", "rl_seg_fake_vision"))
-    with pytest.raises(compat.RemoteCodeError, match="does not exist.*torch .* and torchvision do not match"):
+    with pytest.raises(compat.UnsupportedEnvironment, match="does not exist.*torch .* and torchvision do not match"):
         load_policy(path, trust_remote_code=True)
 
 

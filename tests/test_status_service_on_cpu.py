@@ -4,6 +4,7 @@ server on 127.0.0.1 (no Ray here: the job API part is in test_cluster_local_on_r
 
 import http.client
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ import schemathesis
 import yaml
 from hypothesis import HealthCheck, settings
 
-from rl_seg.run_files import STOP_REQUEST, update_run_state, write_json_atomic, write_sample_overlay
+from rl_seg.run_files import STOP_REQUEST, owner, write_json_atomic, write_sample_overlay
 from rl_seg.run_logging import RunLogger
 from rl_seg.service import ServiceSettings, StatusServer, create_app, load_or_create_token
 
@@ -30,7 +31,7 @@ def make_run(root: Path, name: str, state: str, iterations: int = 3, pid: int | 
                     "kl_ref": float("nan"), "time/rollout": 0.2, "time/learn": 0.3, "batch_ids": ["a"]})
     logger.close()
     (path / "config.yaml").write_text(yaml.safe_dump({"name": name, "iterations": iterations}))
-    update_run_state(path, state=state, started=1.0, iterations=iterations)
+    write_json_atomic(path / "run_state.json", {**owner(), "state": state, "started": 1.0, "iterations": iterations})
     if pid is not None:  # pretend another driver process wrote it
         state_file = path / "run_state.json"
         write_json_atomic(state_file, {**json.loads(state_file.read_text()), "pid": pid})
@@ -40,8 +41,11 @@ def make_run(root: Path, name: str, state: str, iterations: int = 3, pid: int | 
         "rollout": [{"index": 0, "alive": True, "restarts": 1}, {"index": 1, "alive": False, "restarts": 0}],
         "reward_pool": {"actors": 2, "scored": 24, "failed": 1, "timeouts": 0, "actor_restarts": 0}})
     for it in (2, iterations):
-        marker = path / "ray_train" / name / f"checkpoint_{it:03d}" / "checkpoint.json"
-        write_json_atomic(marker, {"iteration": it, "version": it})
+        checkpoint = path / "ray_train" / name / f"checkpoint_{it:03d}"
+        write_json_atomic(checkpoint / "checkpoint.json", {"iteration": it, "version": it})
+        for part in ("trainer_state.pt", "value_head.pt", "adapter/adapter_config.json", "deepspeed/state"):
+            (checkpoint / part).parent.mkdir(parents=True, exist_ok=True)
+            (checkpoint / part).write_text("x")
     image = np.zeros((16, 16, 3), np.uint8)
     mask, gt = np.zeros((16, 16), bool), np.zeros((16, 16), bool)
     mask[4:8], gt[5:9] = True, True
@@ -237,3 +241,95 @@ def test_no_server_errors_on_generated_input(case):
     case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=[not_a_server_error])
     for stray in (_FUZZ_ROOT / "runs").glob("*/" + STOP_REQUEST):
         stray.unlink()
+
+
+# --- a defensive service (issue 16) --------------------------------------------------------------------------
+
+def test_bad_run_entries_are_listed_with_their_problem_and_links_out_of_the_root_ignored(roots, server, tmp_path):
+    runs, _ = roots
+    bad = make_run(runs, "bad", "running")
+    state = json.loads((bad / "run_state.json").read_text())
+    write_json_atomic(bad / "run_state.json", {**state, "pid": "abc", "iterations": "many"})
+    with (bad / "metrics.jsonl").open("a") as fh:
+        fh.write("[1, 2]\n")
+    worse = make_run(runs, "worse", "running")
+    (worse / "run_state.json").write_text("[]\n")
+    elsewhere = make_run(tmp_path / "elsewhere", "outside", "succeeded")
+    (runs / "escape").symlink_to(elsewhere, target_is_directory=True)
+
+    listing = get(server, "/runs")
+    assert listing.status_code == 200, listing.text
+    by_id = {r["id"]: r for r in listing.json()}
+    assert sorted(by_id) == ["bad", "done", "live", "worse"]  # the link out of the runs root is not a run
+    assert by_id["done"]["problem"] is None and by_id["done"]["state"] == "succeeded"
+    assert "pid is 'abc'" in by_id["bad"]["problem"] and "iterations is 'many'" in by_id["bad"]["problem"]
+    assert by_id["bad"]["iteration"] == 3 and by_id["bad"]["last_metrics"]["reward"] == pytest.approx(0.3)
+    assert by_id["worse"]["state"] == "unknown" and "run_state.json is not a JSON object" in by_id["worse"]["problem"]
+    assert [r["iteration"] for r in get(server, "/runs/bad/metrics").json()] == [1, 2, 3]
+    assert get(server, "/runs/escape").status_code == 404
+
+
+def test_the_token_is_checked_before_the_body_is_read_and_bodies_are_capped(server):
+    # 300 MB announced, 1 MB sent: without the token the answer comes before the rest is read
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.putrequest("POST", "/runs")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(300 << 20))
+    conn.endheaders()
+    conn.send(b" " * (1 << 20))
+    response = conn.getresponse()
+    assert response.status == 401 and b"missing bearer token" in response.read()
+    conn.close()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    big = requests.post(server.url + "/runs", data=b"{" + b" " * (2 << 20) + b"}", headers=auth, timeout=30)
+    assert big.status_code == 413
+    chunked = requests.post(server.url + "/runs", data=(b" " * (256 << 10) for _ in range(8)), headers=auth,
+                            timeout=30)
+    assert chunked.status_code == 413  # no Content-Length: counted as it is read, refused past the limit
+    assert requests.post(server.url + "/runs", data=b"x" * 10, headers={"Authorization": "Bearer no"}).status_code == 403
+
+
+def test_submit_refuses_bad_values_naming_the_field_and_names_in_use_naming_the_holder(roots, server, tmp_path):
+    from rl_seg.run_lock import RunLock
+
+    runs, _ = roots
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    bad = requests.post(server.url + "/runs", json={"name": "x", "overrides": ["rollout.num_workers=0"]}, headers=auth)
+    assert bad.status_code == 422 and bad.json()["detail"] == "config: rollout.num_workers: must be >= 1 (got 0)"
+    lock = RunLock(runs / "busy")
+    lock.acquire()
+    try:
+        busy = requests.post(server.url + "/runs", json={"name": "busy"}, headers=auth)
+        assert busy.status_code == 409 and f"in use by pid {os.getpid()}" in busy.json()["detail"]
+    finally:
+        lock.release()
+    # remote code only from the folders the service was started with
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "m.M"}}))
+    body = {"name": "rc", "config": {"policy": {"name": str(remote), "trust_remote_code": True}}}
+    refused = requests.post(server.url + "/runs", json=body, headers=auth)
+    assert refused.status_code == 403 and "--allow-policy" in refused.json()["detail"]
+    untrusted = requests.post(server.url + "/runs", json={**body, "config": {"policy": {"name": str(remote)}}},
+                              headers=auth)
+    assert untrusted.status_code == 422 and "policy.trust_remote_code" in untrusted.json()["detail"]
+    allowing = StatusServer(ServiceSettings(runs_root=runs, token=TOKEN, allowed_policies=[tmp_path]), port=0).start()
+    try:
+        passed = requests.post(allowing.url + "/runs", json=body, headers=auth)
+        assert passed.status_code == 409 and "Ray address" in passed.json()["detail"]  # past every check
+    finally:
+        allowing.stop()
+
+
+def test_an_interrupted_run_shows_how_to_resume_and_cannot_be_stopped(roots, server):
+    runs, _ = roots
+    path = make_run(runs, "cut", "running")
+    state = json.loads((path / "run_state.json").read_text())
+    write_json_atomic(path / "run_state.json", {**state, "state": "interrupted", "reason": "SIGINT received",
+                                                "last_checkpoint": {"iteration": 2, "path": "x"},
+                                                "resume_command": "rl-seg train --resume run_dir=/r name=cut"})
+    cut = get(server, "/runs/cut").json()
+    assert cut["state"] == "interrupted" and cut["last_checkpoint"] == 2 and cut["reason"] == "SIGINT received"
+    assert cut["resume_command"].startswith("rl-seg train --resume")
+    stop = requests.post(server.url + "/runs/cut/stop", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert stop.status_code == 409 and "interrupted" in stop.json()["detail"]

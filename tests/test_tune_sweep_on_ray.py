@@ -71,7 +71,7 @@ def test_population_based_training_exploits_and_explores(ray_local, tmp_path):
 def test_sweep_config_errors_and_resources():
     with pytest.raises(ConfigError, match=r"space.ppo.lr: loguniform needs 'low' and 'high'"):
         load_config(SweepConfig, None, ["space={ppo.lr: {type: loguniform}}"])
-    with pytest.raises(ConfigError, match="search: 'bayes'"):
+    with pytest.raises(ConfigError, match=r"^search: not one of \['random', 'optuna'\] \(got 'bayes'\)$"):
         load_config(SweepConfig, None, ["search=bayes"])
     with pytest.raises(ConfigError, match="grid keys need search=random"):
         load_config(SweepConfig, None, ["search=optuna", "space={ppo.lr: {type: grid, values: [1]}}"])

@@ -28,6 +28,8 @@ import yaml
 
 from rl_seg.config import ConfigError, load_config, save_config
 from rl_seg.ppo.config import TrainConfig
+from rl_seg.run_metrics import read_metrics
+from rl_seg.validation import validate_search_space
 
 __all__ = ["SweepConfig", "run_sweep", "search_space", "trial_resources", "trial_bundles"]
 
@@ -54,33 +56,34 @@ class SweepConfig:
     space: dict[str, dict] = field(default_factory=dict, metadata={
         "help": "dotted train-config key -> {type: loguniform|uniform|randint, low, high} or "
                 "{type: choice|grid, values: [...]}; e.g. ppo.lr, reward.weights.recall, policy.lora.r"})
-    search: str = field(default="random", metadata={"help": "random (grid keys are crossed) or optuna"})
-    num_samples: int = field(default=4, metadata={"help": "trials (per grid point for random search)"})
+    search: str = field(default="random", metadata={"help": "random (grid keys are crossed) or optuna",
+                                                    "choices": ["random", "optuna"]})
+    num_samples: int = field(default=4, metadata={"help": "trials (per grid point for random search)", "min": 1})
     metric: str = field(default="val_dice", metadata={"help": "validation metric to optimize"})
-    mode: str = field(default="max", metadata={"help": "max or min"})
+    mode: str = field(default="max", metadata={"help": "max or min", "choices": ["max", "min"]})
     constraint_metric: str | None = field(default=None, metadata={
         "help": "optional second metric that must reach constraint_min (e.g. val_recall)"})
     constraint_min: float = field(default=0.85, metadata={"help": "floor for constraint_metric"})
-    scheduler: str = field(default="asha", metadata={"help": "asha (early stopping) or fifo"})
-    grace_period: int = field(default=1, metadata={"help": "ASHA: iterations before a trial can be stopped"})
+    scheduler: str = field(default="asha", metadata={"help": "asha (early stopping), fifo or pbt",
+                                                      "choices": ["asha", "fifo", "pbt"]})
+    grace_period: int = field(default=1, metadata={"help": "ASHA: iterations before a trial can be stopped",
+                                                   "min": 1})
     perturbation_interval: int = field(default=5, metadata={
         "help": "PBT: PPO iterations per segment; after each, the worst trials copy the adapter of the best and "
-                "perturb their hyperparameters (the space's keys; only those that can change mid-run)"})
+                "perturb their hyperparameters (the space's keys; only those that can change mid-run)", "min": 1})
     quantile_fraction: float = field(default=0.25, metadata={
-        "help": "PBT: fraction of trials that exploit (bottom) and are exploited (top)"})
-    reduction_factor: float = field(default=2.0, metadata={"help": "ASHA reduction factor"})
+        "help": "PBT: fraction of trials that exploit (bottom) and are exploited (top)", "gt": 0, "max": 0.5})
+    reduction_factor: float = field(default=2.0, metadata={"help": "ASHA reduction factor", "gt": 1})
     max_concurrent_trials: int | None = field(default=None, metadata={
-        "help": "trials at once (null: as many as the cluster's CPUs/GPUs hold)"})
-    max_failures: int = field(default=1, metadata={"help": "retries of a failed trial before it is reported"})
+        "help": "trials at once (null: as many as the cluster's CPUs/GPUs hold)", "min": 1})
+    max_failures: int = field(default=1, metadata={"help": "retries of a failed trial before it is reported",
+                                                   "min": 0})
     resume: bool = field(default=False, metadata={"help": "restore an interrupted sweep (Tuner.restore)"})
     ray_address: str | None = field(default=None, metadata={"help": "Ray address (default: local instance)"})
-    ray_num_cpus: float | None = field(default=None, metadata={"help": "logical CPUs of a local Ray instance"})
+    ray_num_cpus: float | None = field(default=None, metadata={"help": "logical CPUs of a local Ray instance",
+                                                                 "gt": 0})
 
     def __post_init__(self):
-        if self.search not in ("random", "optuna"):
-            raise ConfigError(f"search: {self.search!r} is not one of ['random', 'optuna']")
-        if self.scheduler not in ("asha", "fifo", "pbt"):
-            raise ConfigError(f"scheduler: {self.scheduler!r} is not one of ['asha', 'fifo', 'pbt']")
         if self.scheduler == "pbt":
             if self.search != "random":
                 raise ConfigError("scheduler=pbt samples its own population: it needs search=random")
@@ -88,10 +91,6 @@ class SweepConfig:
             if fixed:
                 raise ConfigError(f"space: {fixed} cannot change during a run; with scheduler=pbt the space may "
                                   f"only hold keys under {list(PBT_MUTABLE)}")
-            if self.perturbation_interval < 1:
-                raise ConfigError(f"perturbation_interval must be >= 1, got {self.perturbation_interval}")
-        if self.mode not in ("max", "min"):
-            raise ConfigError(f"mode: {self.mode!r} is not one of ['max', 'min']")
         for key, spec in self.space.items():
             kind = spec.get("type") if isinstance(spec, dict) else None
             if kind not in SPACE_TYPES:
@@ -159,7 +158,7 @@ def _trial(params: dict, *, sweep: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rl_seg.roles.learner import latest_checkpoint
+    from rl_seg.run_checkpoints import latest_checkpoint
     from rl_seg.train import run_training
 
     trial_id = tune.get_context().get_trial_id()
@@ -223,7 +222,7 @@ def _pbt_trial(trial_id: str, overrides: list[str], sweep: dict) -> None:
 
 def _segment_report(run: Path, iteration: int, constraint: dict | None) -> dict:
     """What one segment reports to Tune: the validation metrics of its last iteration, under Tune's names."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run)
     val = next(r for r in reversed(records) if "val/dice" in r)
     report = {"iteration": iteration, **{k.replace("/", "_"): v for k, v in val.items() if k.startswith("val/")},
               "reward": records[-1].get("reward")}
@@ -238,7 +237,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     from rl_seg.console import LOG_DIR, driver_session, is_verbose
     from rl_seg.ray_env import init_ray
 
-    base = _base_train_config(cfg)  # validates the base config before anything starts
+    # The base config and every value the space can draw, before Ray starts and before the sweep folder is made.
+    base = validate_search_space(cfg.train_config, cfg.train_overrides, cfg.space)
     path = cfg.path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, path / "sweep.yaml")
@@ -395,15 +395,12 @@ def _metric_key(metric: str) -> str:
 
 def trial_records(run: Path) -> list[dict]:
     """A trial's metrics.jsonl records: its run folder's, or its PBT segments' with iterations made global."""
-    def read(path: Path) -> list[dict]:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
     if (run / "metrics.jsonl").is_file():
-        return read(run / "metrics.jsonl")
+        return read_metrics(run)
     records = []
     for segment in sorted(run.glob(f"{SEGMENT_PREFIX}*")):
         offset = int(segment.name.removeprefix(SEGMENT_PREFIX))
-        records += [{**r, "iteration": r["iteration"] + offset} for r in read(segment / "metrics.jsonl")]
+        records += [{**r, "iteration": r["iteration"] + offset} for r in read_metrics(segment)]
     return records
 
 

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import ConfigError
+
 __all__ = ["PolicyOutput", "SegPolicy", "POLICIES", "register_policy", "load_policy", "DEFAULT_PROMPT",
-           "autocast_for"]
+           "autocast_for", "RemoteCodeError", "remote_code", "REMOTE_CODE_FLAG"]
 
 #: The Sa2VA-style request every policy is trained and evaluated with unless a dataset says otherwise.
 DEFAULT_PROMPT = "Please segment the blood vessels."
@@ -125,13 +127,37 @@ def register_policy(name: str):
     return wrap
 
 
-def load_policy(name_or_path: str | Path, check: bool = True, **kwargs) -> SegPolicy:
+#: How a user allows remote code: the config field (train, tune, the service) and the flag (rl-seg eval / merge).
+REMOTE_CODE_FLAG = "policy.trust_remote_code=true (rl-seg eval/merge: --trust-remote-code)"
+
+
+class RemoteCodeError(ConfigError):
+    """A checkpoint that would run its own Python, loaded without the user allowing it (a setting the user must
+    change, so a ConfigError: the command line reports it without a traceback)."""
+
+
+def remote_code(path: str | Path) -> dict | None:
+    """The ``auto_map`` of a checkpoint folder's config.json (Hugging Face remote code: classes defined by .py
+    files in the folder, which transformers imports and runs), or None when it has none."""
+    config = Path(path) / "config.json"
+    try:
+        values = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    auto_map = values.get("auto_map") if isinstance(values, dict) else None
+    return auto_map if isinstance(auto_map, dict) and auto_map else None
+
+
+def load_policy(name_or_path: str | Path, trust_remote_code: bool = False, check: bool = True,
+                **kwargs) -> SegPolicy:
     """A policy by registry name (``default`` loads the shipped checkpoint), or from a checkpoint folder.
 
     A folder names its policy class in ``rl_seg_policy.json`` (written by ``save_pretrained``); a Hugging Face Sa2VA
-    checkpoint is recognised from its ``config.json`` (``architectures``). ``kwargs`` are the policy's load options
-    (``device``, ``trust_remote_code``, Sa2VA's ``action_resolution`` and ``max_tiles``). Unless ``check`` is off,
-    the loaded policy must have finite weights and give finite logits on a canary image (``rl_seg.guards``).
+    checkpoint is recognised from its ``config.json`` (``auto_map``, ``architectures``). A folder whose config.json
+    has an ``auto_map`` carries remote code: it is refused unless ``trust_remote_code`` (then passed on to the policy
+    class's ``from_pretrained``). ``kwargs`` are the policy's load options (``device``, Sa2VA's ``dtype``,
+    ``action_resolution`` and ``max_tiles``). Unless ``check`` is off, the loaded policy must have finite weights and
+    give finite logits on a canary image (``rl_seg.guards``).
     """
     from . import _builtin  # noqa: F401 - registers the built-in policies
 
@@ -142,6 +168,12 @@ def load_policy(name_or_path: str | Path, check: bool = True, **kwargs) -> SegPo
         path = Path(name_or_path)
         if not path.is_dir():
             raise FileNotFoundError(f"policy {key!r} is neither a registered name ({sorted(POLICIES)}) nor a folder")
+        auto_map = remote_code(path)
+        if auto_map is not None:
+            if not trust_remote_code:
+                raise RemoteCodeError(f"{path} holds remote code (config.json auto_map: {sorted(auto_map)}) that "
+                                      f"would run in this process; if you trust it, set {REMOTE_CODE_FLAG}")
+            kwargs["trust_remote_code"] = True
         cls = _policy_class(path)
     options = {k: v for k, v in kwargs.items() if v is not None}
     unknown = sorted(set(options) - cls.load_options)

@@ -32,10 +32,10 @@ LORA_LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
 
 @dataclass
 class LoraSettings:
-    r: int = field(default=16, metadata={"help": "LoRA rank (the original plan: 16-32)"})
-    alpha: float = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
+    r: int = field(default=16, metadata={"help": "LoRA rank (the original plan: 16-32)", "min": 1})
+    alpha: float = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r", "gt": 0})
     dropout: float = field(default=0.05, metadata={
-        "help": "dropout on the LoRA input (SFT; the PPO learner runs with dropout off)"})
+        "help": "dropout on the LoRA input (SFT; the PPO learner runs with dropout off)", "min": 0, "lt": 1})
     targets: str = field(default="llm", metadata={
         "help": "'default' (the policy's own: the default model 'all', Sa2VA 'llm'), another preset of the "
                 "policy's lora_targets (default model: llm, llm+decoder, llm+decoder+pixels, all; Sa2VA: llm, "

@@ -237,10 +237,12 @@ def compute_advantages(mode: str, inputs: AdvantageInputs) -> torch.Tensor:
 
 @dataclass
 class PPOLossConfig:
-    clip: float = field(default=0.2, metadata={"help": "PPO clip range of the per-pixel ratio"})
-    kl_coef: float = field(default=0.0, metadata={"help": "weight of KL(pi || pi_ref), pi_ref = adapter disabled"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus"})
-    value_coef: float = field(default=0.5, metadata={"help": "weight of the value-head MSE (value advantages)"})
+    clip: float = field(default=0.2, metadata={"help": "PPO clip range of the per-pixel ratio", "gt": 0})
+    kl_coef: float = field(default=0.0, metadata={"help": "weight of KL(pi || pi_ref), pi_ref = adapter disabled",
+                                                   "min": 0})
+    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus", "min": 0})
+    value_coef: float = field(default=0.5, metadata={"help": "weight of the value-head MSE (value advantages)",
+                                                      "min": 0})
 
 
 def _valid_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

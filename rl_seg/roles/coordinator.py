@@ -24,6 +24,7 @@ from rewards.metrics import MaskPair, Target
 
 from ..ppo.config import TrainConfig
 from ..ppo.states import DataOrder, dihedral_view, draw_views, undo_dihedral_view
+from ..run_outcome import RestartBudgetExhausted
 
 __all__ = ["Coordinator", "RolloutBatch", "reward_weights", "LOGGED_COMPONENTS"]
 
@@ -129,7 +130,9 @@ class Coordinator:
                 ray.get(self.workers[worker].ready.remote(), timeout=10)
                 return
             except ActorDiedError as exc:  # out of restarts: no point waiting
-                raise RuntimeError(f"rollout worker {worker} is dead for good (max_restarts exhausted): {exc}") from exc
+                raise RestartBudgetExhausted(
+                    f"restart budget exhausted: rollout worker {worker} died more often than rollout.max_restarts="
+                    f"{self.cfg.rollout.max_restarts} allows") from exc
             except (RayActorError, GetTimeoutError):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"rollout worker {worker} did not come back within {timeout_s:.0f} s") from None

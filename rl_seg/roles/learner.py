@@ -18,7 +18,9 @@ the rollout actors sent it with their masks (``rollout.ship_frozen``) the learne
 
 Checkpoints (every ``checkpoint_every`` iterations and at the end) hold the adapter in PEFT format, the value
 head, DeepSpeed's optimizer and scheduler state, RNG states, the data order and the iteration; they are
-reported to Ray Train, which restarts a failed group from the latest one (``FailureConfig``).
+reported to Ray Train, which restarts a failed group from the latest one (``FailureConfig``). Rank 0 then keeps
+the newest ``keep_checkpoints`` and the best by validation Dice (``rl_seg.run_checkpoints``). A group that starts
+from a checkpoint first drops the metrics of the iterations it will redo (``rl_seg.run_metrics``).
 """
 
 from __future__ import annotations
@@ -49,13 +51,15 @@ from ..policy.base import autocast_for
 from ..policy.lora import attach_lora, load_adapter_weights
 from ..ppo.config import TrainConfig
 from ..ppo.core import AdvantageInputs, compute_advantages, ppo_loss
+from ..run_checkpoints import choose_checkpoint, latest_checkpoint, prune_checkpoints
 from ..run_files import HEALTH, read_json, stop_requested, write_json_atomic, write_sample_overlay
+from ..run_outcome import disk_guard
 from .coordinator import Coordinator, RolloutBatch
 from .hybrid import HybridRollout, cat_frozen, frozen_kwargs
 from .rollout import adapter_state, peak_memory_gib
 
-__all__ = ["PPOModule", "train_loop", "deepspeed_config", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "raise_if_non_finite", "NON_FINITE"]
+__all__ = ["PPOModule", "train_loop", "deepspeed_config", "save_checkpoint", "load_checkpoint", "raise_if_non_finite",
+           "NON_FINITE"]
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +105,9 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 def save_checkpoint(folder: Path, engine, rank: int, iteration: int, version: int, coordinator_state: dict | None,
-                    weights: np.ndarray | None = None) -> None:
-    """All ranks write DeepSpeed's state (ZeRO shards are per rank); rank 0 adds the adapter and run state."""
+                    marker: dict | None = None) -> None:
+    """All ranks write DeepSpeed's state (ZeRO shards are per rank); rank 0 adds the adapter and run state.
+    ``marker`` adds to checkpoint.json (the session that wrote it, the validation Dice it was taken at)."""
     folder.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=True)
     if rank == 0:
@@ -112,7 +117,8 @@ def save_checkpoint(folder: Path, engine, rank: int, iteration: int, version: in
         torch.save({"iteration": iteration, "version": version, "coordinator": coordinator_state,
                     "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
                     "torch_rng": torch.get_rng_state()}, folder / "trainer_state.pt")
-        (folder / "checkpoint.json").write_text(json.dumps({"iteration": iteration, "version": version}) + "\n")
+        (folder / "checkpoint.json").write_text(json.dumps({"iteration": iteration, "version": version,
+                                                            **(marker or {})}) + "\n")
 
 
 def load_checkpoint(folder: Path, engine) -> dict:
@@ -125,23 +131,11 @@ def load_checkpoint(folder: Path, engine) -> dict:
     return state
 
 
-def latest_checkpoint(run_path: Path) -> Path | None:
-    """The newest checkpoint Ray Train persisted under the run folder (by its recorded iteration)."""
-    best, best_iter = None, -1
-    for marker in (Path(run_path) / "ray_train").glob("**/checkpoint.json"):
-        iteration = json.loads(marker.read_text())["iteration"]
-        if iteration > best_iter:
-            best, best_iter = marker.parent, iteration
-    return best
-
-
 def _checkpoint_to_restore(config: dict) -> Path | None:
-    """Ray Train's latest checkpoint after a group restart; else the run folder's newest (a restarted group
-    has been seen to get none from ``get_checkpoint`` here, and ``--resume`` starts a new Train run)."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        return Path(checkpoint.to_directory())
-    return latest_checkpoint(Path(config["run_path"]))
+    return choose_checkpoint(Path(checkpoint.to_directory()) if checkpoint is not None else None,
+                             Path(config["run_path"]), config["session"],
+                             Path(config["resume_from"]) if config.get("resume_from") else None)
 
 
 # --- one update ----------------------------------------------------------------------------------------------
@@ -388,22 +382,30 @@ class _HealthWriter:
                                       "learner": self.learner, **self.coordinator.health()})
 
 
-def _report_checkpoint(engine, rank: int, iteration: int, version: int, coordinator, metrics: dict) -> None:
-    """Every rank writes its part of a checkpoint of ``iteration`` completed iterations; Ray Train persists it."""
+def _report_checkpoint(engine, rank: int, iteration: int, version: int, coordinator, metrics: dict, run_path: Path,
+                       marker: dict, keep: int | None) -> None:
+    """Every rank writes its part of a checkpoint of ``iteration`` completed iterations; Ray Train persists it
+    (a full disk named as such); rank 0 then prunes to the retention policy."""
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), engine, rank, iteration, version, coordinator.state_dict() if coordinator else None)
+        save_checkpoint(Path(tmp), engine, rank, iteration, version, coordinator.state_dict() if coordinator else None,
+                        marker)
         dist.barrier()
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+        with disk_guard(run_path, f"the checkpoint of iteration {iteration} (this rank's part)", size):
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if rank == 0:
+        prune_checkpoints(run_path, keep)
 
 
 def _stop_on_non_finite(exc: TrainingNonFinite, engine, rank: int, iteration: int, version: int, coordinator,
-                        run_path: Path) -> None:
+                        run_path: Path, session: str, keep: int | None) -> None:
     """End the run on a non-finite value with what, where and the last good checkpoint. Found before the first
     optimizer step of the iteration, the weights are still those of the end of the previous one: that state is
     checkpointed now. Found later, they are half-updated, and the newest checkpoint on disk is the last good one.
     The training function then returns normally (a retry would meet the same numbers) and the driver raises."""
     if not exc.weights_changed:
-        _report_checkpoint(engine, rank, iteration, version, coordinator, {"iteration": iteration, "non_finite": 1})
+        _report_checkpoint(engine, rank, iteration, version, coordinator, {"iteration": iteration, "non_finite": 1},
+                           run_path, {"session": session, "val_dice": None}, keep)
     dist.barrier()
     if rank == 0:
         good = latest_checkpoint(run_path)
@@ -479,7 +481,9 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         from ..run_logging import RunLogger
 
-        logger = RunLogger(run_path, enable_gauges=True, progress=cfg.progress, iterations=cfg.iterations)
+        with disk_guard(run_path, "metrics.jsonl and tensorboard/"):
+            logger = RunLogger(run_path, enable_gauges=True, progress=cfg.progress, iterations=cfg.iterations,
+                               resume_at=start_iteration)
         session = uuid.uuid4().hex[:8]  # a restarted group re-issues version numbers: keys stay unique
         # hybrid: the ranks sample with the weights they train, nothing is exported
         weights_box = None if hybrid else [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
@@ -514,7 +518,8 @@ def train_loop(config: dict) -> None:
             learn_stats.update(_all_sum({f"flops/{phase}": float(c.get_total_flops())
                                          for phase, c in counters.items()}, device) if counters else {})
         except TrainingNonFinite as exc:
-            _stop_on_non_finite(exc, engine, rank, iteration, version, coordinator, run_path)
+            _stop_on_non_finite(exc, engine, rank, iteration, version, coordinator, run_path, config["session"],
+                                cfg.keep_checkpoints)
             stopped_on_nan = True
             break
         t_learn = time.perf_counter() - t_learn
@@ -533,21 +538,26 @@ def train_loop(config: dict) -> None:
                 last_val = coordinator.validate(version, weights_box)
                 metrics.update(last_val)
             metrics["time/iteration"] = time.perf_counter() - t_iter
-            logger.log(metrics)
+            with disk_guard(run_path, f"the metrics of iteration {iteration + 1}"):
+                logger.log(metrics)
             # Reports carry the latest validation numbers every iteration, so schedulers (ASHA) always see them.
             metrics.update({k.replace("/", "_"): v for k, v in last_val.items()})
             if config.get("objective") and last_val:
                 metrics["objective"] = constrained_objective(metrics, config["objective"])
-            health.write(iteration + 1, version)
-            write_sample_overlay(run_path, batch.images[0], batch.unpack_actions(0)[0], batch.gts[0], batch.fovs[0],
-                                 {"image": batch.ids[0], "iteration": iteration + 1, "rollout_version": batch.version})
+            with disk_guard(run_path, "health.json and samples/"):
+                health.write(iteration + 1, version)
+                write_sample_overlay(run_path, batch.images[0], batch.unpack_actions(0)[0], batch.gts[0],
+                                     batch.fovs[0], {"image": batch.ids[0], "iteration": iteration + 1,
+                                                     "rollout_version": batch.version})
         # A stop request (the status service) ends the run after this iteration, checkpointed; rank 0 decides
         # for all ranks so that none waits in a collective the others have left.
         stop = [stop_requested(run_path) if rank == 0 else None]
         dist.broadcast_object_list(stop, src=0)
         is_ckpt = (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == stop_at or stop[0]
         if is_ckpt:
-            _report_checkpoint(engine, rank, iteration + 1, version, coordinator, _numbers(metrics))
+            _report_checkpoint(engine, rank, iteration + 1, version, coordinator, _numbers(metrics), run_path,
+                               {"session": config["session"], "val_dice": last_val.get("val/dice")},
+                               cfg.keep_checkpoints)
         else:
             ray.train.report(_numbers(metrics))
         done = iteration + 1
@@ -558,8 +568,8 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         logger.close()
         if done == cfg.iterations and not stopped_on_nan:
-            module.policy.save_pretrained(str(Path(config["run_path"]) / "final_adapter"),
-                                          save_embedding_layers=False)
+            with disk_guard(run_path, "final_adapter/"):
+                module.policy.save_pretrained(str(run_path / "final_adapter"), save_embedding_layers=False)
         console_done()
     dist.barrier()
 

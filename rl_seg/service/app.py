@@ -1,14 +1,17 @@
 """The status service (``rl-seg serve``): a FastAPI app over the run and sweep folders and Ray's job API.
 
 Read endpoints are open to whoever can reach the port, which is 127.0.0.1 unless the operator binds it
-elsewhere; the control endpoints (stop a run, submit a run) need ``Authorization: Bearer <token>``. OpenAPI
-docs are at ``/docs``.
+elsewhere; the control endpoints (stop a run, submit a run) need ``Authorization: Bearer <token>``, checked
+before the request body is read, and a body is at most ``max_body_bytes`` (``rl_seg.service.guard``). A
+submitted config passes the same validation as ``rl-seg train`` (422 naming the field), a run name in use is
+refused naming its holder (409), and a policy with remote code is accepted only from the folders the service
+was started with (``--allow-policy``). OpenAPI docs are at ``/docs``.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +23,9 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from ..run_files import request_stop
+from ..run_files import read_json, request_stop, write_json_atomic
+from ..run_lock import describe_holder, lock_holder
+from .guard import MAX_BODY_BYTES, ControlGuard, token_problem
 from .jobs import list_rl_seg_jobs, submit_training
 from .store import NAME_PATTERN, NotFound, RunStore
 
@@ -39,6 +44,9 @@ class ServiceSettings(BaseModel):
     ray_address: str | None = Field(None, description="Ray dashboard address for the job API (None: no jobs)")
     python: str = Field("python", description="python the submitted job runs (on the cluster's head node)")
     jobs_cache_s: float = Field(2.0, description="seconds a job-API listing is reused")
+    max_body_bytes: int = Field(MAX_BODY_BYTES, description="largest request body accepted (413 beyond)")
+    allowed_policies: list[Path] = Field(default_factory=list, description="folders (and what is under them) whose "
+                                         "remote code submitted runs may run with policy.trust_remote_code=true")
 
 
 class JobInfo(BaseModel):
@@ -53,7 +61,8 @@ class JobInfo(BaseModel):
 
 class RunSummary(BaseModel):
     id: str
-    state: str = Field(description="starting, running, succeeded, failed, stopped, lost (driver gone) or unknown")
+    state: str = Field(description="starting, running, succeeded, failed, stopped (through this service), "
+                                   "interrupted (SIGINT/SIGTERM), lost (driver gone without a word) or unknown")
     job: JobInfo | None = Field(None, description="the Ray job carrying the run, when it was submitted as one")
     iteration: int | None = None
     iterations: int | None = None
@@ -62,9 +71,13 @@ class RunSummary(BaseModel):
     updated: float | None = None
     ended: float | None = None
     error: str | None = None
+    reason: str | None = Field(None, description="why a stopped or interrupted run ended")
     submission_id: str | None = None
+    last_checkpoint: int | None = Field(None, description="iteration of the newest checkpoint when the run ended")
+    resume_command: str | None = Field(None, description="the command that continues an unfinished run")
     last_metrics: dict[str, Number] = Field(default_factory=dict)
     timings: dict[str, Number] = Field(default_factory=dict, description="seconds per phase, last iteration")
+    problem: str | None = Field(None, description="what could not be read in the run folder (values left out)")
 
 
 class Checkpoint(BaseModel):
@@ -112,6 +125,7 @@ class SweepSummary(BaseModel):
 def create_app(settings: ServiceSettings) -> FastAPI:
     store = RunStore(settings.runs_root, settings.sweeps_root)
     app = FastAPI(title="rl-seg status service", version="1", description=__doc__)
+    app.add_middleware(ControlGuard, token=settings.token, max_body_bytes=settings.max_body_bytes)
     bearer = HTTPBearer(auto_error=False)
     jobs_cache: dict[str, Any] = {"at": 0.0, "jobs": {}, "error": None, "client": None}
 
@@ -135,13 +149,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             jobs_cache["at"] = time.monotonic()
         return jobs_cache["jobs"]
 
-    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if settings.token is None:
-            raise HTTPException(403, "control endpoints are disabled: the service was started without a token")
-        if credentials is None:
-            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(credentials.credentials.encode(), settings.token.encode()):
-            raise HTTPException(403, "wrong bearer token")
+    def authorized(request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        # ControlGuard has refused a bad token before the body was read; this keeps the endpoints guarded (and
+        # documented as such in OpenAPI) whatever wraps the app.
+        problem = token_problem(request.headers.get("authorization"), settings.token)
+        if problem is not None:
+            raise HTTPException(*problem, headers={"WWW-Authenticate": "Bearer"} if problem[0] == 401 else None)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound):
@@ -158,7 +171,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get("/runs", response_model=list[RunSummary])
     def runs():
         listing = jobs()
-        return [store.run_summary(r, listing) for r in store.run_ids()]
+        out = []
+        for run_id in store.run_ids():
+            try:
+                out.append(store.run_summary(run_id, listing))
+            except Exception as exc:  # noqa: BLE001 - one unreadable run is listed as such, not the end of the list
+                out.append({"id": run_id, "state": "unknown", "problem": f"{type(exc).__name__}: {exc}"[:500]})
+        return out
 
     @app.get("/runs/{run_id}", response_model=RunSummary)
     def run(run_id: str = RunId):
@@ -220,9 +239,15 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.post("/runs", response_model=SubmitReply, status_code=201, dependencies=[Depends(authorized)])
     def submit(body: SubmitRequest):
         from ..config import ConfigError, load_config, merge_trees, save_config
+        from ..policy.base import remote_code
         from ..ppo.config import TrainConfig
+        from ..validation import validate_train_config
 
-        if (settings.runs_root / body.name).exists():
+        run_path = settings.runs_root / body.name
+        holder = lock_holder(run_path)
+        if holder is not None:
+            raise HTTPException(409, f"run {body.name!r} is in use by {describe_holder(holder)}")
+        if run_path.exists():
             raise HTTPException(409, f"run {body.name!r} exists already")
         tree: dict = {}
         if body.base:
@@ -238,21 +263,50 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             try:
                 cfg = load_config(TrainConfig, draft, [*body.overrides, f"name={body.name}",
                                                        f"run_dir={settings.runs_root.resolve()}"])
+                validate_train_config(cfg)
             except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as exc:
                 raise HTTPException(422, f"config: {exc}") from None
+        policy = Path(cfg.policy.name)
+        if cfg.policy.trust_remote_code and remote_code(policy) is not None and not any(
+                policy.resolve().is_relative_to(Path(allowed).resolve()) for allowed in settings.allowed_policies):
+            allowed = [str(p) for p in settings.allowed_policies]
+            raise HTTPException(403, f"policy.trust_remote_code: this service runs remote code only from the folders "
+                                     f"it was started with (--allow-policy: {allowed}) (got policy.name="
+                                     f"{cfg.policy.name!r})")
         if settings.ray_address is None:
             raise HTTPException(409, "no Ray address: start the service with --ray-address to submit runs")
-        submitted = save_config(cfg, settings.runs_root / ".submitted" / f"{body.name}.yaml")
+        submitted = _reserve(body.name)
+        save_config(cfg, submitted)
         try:
             submission_id = submit_training(client(), submitted.resolve(), run_dir=settings.runs_root.resolve(),
                                             name=body.name, python=settings.python)
         except Exception as exc:  # noqa: BLE001 - the job API's failure, passed on with its message
             submitted.unlink(missing_ok=True)
+            submitted.with_suffix(".json").unlink(missing_ok=True)
             jobs_cache["client"] = None
             raise HTTPException(502, f"Ray's job API at {settings.ray_address} refused the job: "
                                      f"{type(exc).__name__}: {exc}") from None
+        write_json_atomic(submitted.with_suffix(".json"), {"submission_id": submission_id, "time": time.time()})
         jobs_cache["at"] = 0.0
         return SubmitReply(run=body.name, submission_id=submission_id, config=str(submitted))
+
+    def _reserve(name: str) -> Path:
+        """Claim the run name until its job has made the run folder: a second submission of the name is refused
+        while the first job is pending or running (its driver would then also refuse it, holding the lock)."""
+        folder = settings.runs_root / ".submitted"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.yaml"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return path
+        except FileExistsError:
+            pass
+        earlier = (read_json(path.with_suffix(".json")) or {}).get("submission_id")
+        status = (jobs().get(earlier or "") or {}).get("status")
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):  # that job ended without making the run: the name is free
+            return path
+        raise HTTPException(409, f"run {name!r} was submitted already (job {earlier or 'being submitted'}, "
+                                 f"{status or 'status unknown'}) and has not started yet")
 
     @app.get("/jobs", response_model=list[JobInfo])
     def job_list():

@@ -29,8 +29,9 @@ WORKING_DIR_EXCLUDES = [".venv/", ".git/", "runs/", "sweeps/", ".whl/", ".gpu_*/
 
 def dashboard_url(address: str | None) -> str:
     """The dashboard's HTTP address for a Ray address (``http://host:8265``; a bare host:port gets http://);
-    without one, $RAY_ADDRESS when it is an HTTP address (as for `ray job submit`), else the local default."""
-    env = os.environ.get("RAY_ADDRESS", "")
+    without one, $RAY_API_SERVER_ADDRESS (Ray's variable for the job API; cluster/local.sh's head.env sets it),
+    else $RAY_ADDRESS when it is an HTTP address (as for `ray job submit`), else the local default."""
+    env = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
     address = address or (env if env.startswith(("http://", "https://")) else DEFAULT_DASHBOARD)
     return address if re.match(r"^https?://", address) else f"http://{address}"
 

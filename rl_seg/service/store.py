@@ -9,19 +9,18 @@ them: nothing outside the run and sweep folders is ever read or served.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
 import socket
 from pathlib import Path
 
-from ..run_files import HEALTH, RUN_STATE, SAMPLE_INFO, SAMPLE_PNG, read_json
+from ..run_checkpoints import list_checkpoints
+from ..run_files import HEALTH, NAME_PATTERN, RUN_STATE, SAMPLE_INFO, SAMPLE_PNG, read_json
+from ..run_metrics import read_metrics
 
 __all__ = ["RunStore", "NotFound", "safe_child", "NAME_PATTERN"]
 
-#: Run and sweep names: one path component, no dots first (no "..", no hidden files).
-NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"
 _NAME = re.compile(NAME_PATTERN)
 
 
@@ -53,6 +52,18 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _read_object(path: Path, problems: list[str]) -> dict:
+    """A JSON file's object; {} (and a note in ``problems``) when it exists but holds anything else."""
+    data = read_json(path)
+    if data is None and path.is_file():
+        problems.append(f"{path.name} is not a JSON object")
+    return data or {}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -90,52 +101,59 @@ class RunStore:
         return path
 
     def run_summary(self, run_id: str, jobs: dict[str, dict] | None = None, root: Path | None = None) -> dict:
+        """What the service shows of a run, read defensively: a value of the wrong kind is left out and named in
+        ``problem`` (a hand-edited or half-written file never breaks the listing)."""
         path = self.run_path(run_id, root)
-        state = read_json(path / RUN_STATE) or {}
-        health = read_json(path / HEALTH) or {}
-        last = self.last_metrics(path)
-        status = state.get("state", "unknown")
+        problems: list[str] = []
+        state = _read_object(path / RUN_STATE, problems)
+        health = _read_object(path / HEALTH, problems)
+        records = read_metrics(path)
+        last = records[-1] if records else {}
+
+        def value(source: dict, key: str, kinds: tuple, where: str):
+            v = source.get(key)
+            if v is None or (isinstance(v, kinds) and not isinstance(v, bool)):
+                return v
+            problems.append(f"{where}: {key} is {v!r}, not a {kinds[0].__name__}")
+            return None
+
+        status = state.get("state") if isinstance(state.get("state"), str) else "unknown"
+        pid = value(state, "pid", (int,), RUN_STATE)
         # A driver killed outright (SIGKILL, lost node) cannot write its end: on its own host, a dead pid says so.
-        if status in ("starting", "running") and state.get("host") == socket.gethostname() and state.get("pid") \
-                and not _pid_alive(int(state["pid"])):
+        if status in ("starting", "running") and state.get("host") == socket.gethostname() and pid \
+                and not _pid_alive(pid):
             status = "lost"
-        job = (jobs or {}).get(state.get("submission_id") or "")
+        submission = value(state, "submission_id", (str,), RUN_STATE)
+        checkpoint = state.get("last_checkpoint") if isinstance(state.get("last_checkpoint"), dict) else {}
+        times = [value(state, "updated", (float, int), RUN_STATE), value(health, "time", (float, int), HEALTH),
+                 last.get("time") if isinstance(last.get("time"), (int, float)) else None]
         return _finite({
             "id": run_id,
             "state": status,
-            "job": job,
-            "iteration": health.get("iteration", last.get("iteration")),
-            "iterations": state.get("iterations"),
-            "adapter_version": health.get("adapter_version", last.get("adapter_version")),
-            "started": state.get("started"),
-            "updated": max(filter(None, [state.get("updated"), health.get("time"), last.get("time")]), default=None),
-            "ended": state.get("ended"),
-            "error": state.get("error"),
-            "submission_id": state.get("submission_id"),
-            "last_metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and not k.startswith("time/")},
-            "timings": {k[5:]: v for k, v in last.items() if k.startswith("time/")},
+            "job": (jobs or {}).get(submission or ""),
+            "iteration": _first(value(health, "iteration", (int,), HEALTH), last.get("iteration")),
+            "iterations": value(state, "iterations", (int,), RUN_STATE),
+            "adapter_version": _first(value(health, "adapter_version", (int,), HEALTH),
+                                      value(last, "adapter_version", (int,), "metrics.jsonl")),
+            "started": value(state, "started", (float, int), RUN_STATE),
+            "updated": max(filter(None, times), default=None),
+            "ended": value(state, "ended", (float, int), RUN_STATE),
+            "error": value(state, "error", (str,), RUN_STATE),
+            "reason": value(state, "reason", (str,), RUN_STATE),
+            "submission_id": submission,
+            "last_checkpoint": value(checkpoint, "iteration", (int,), f"{RUN_STATE} last_checkpoint"),
+            "resume_command": value(state, "resume_command", (str,), RUN_STATE),
+            "last_metrics": {k: v for k, v in last.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("time/")},
+            "timings": {k[5:]: v for k, v in last.items()
+                        if k.startswith("time/") and isinstance(v, (int, float)) and not isinstance(v, bool)},
+            "problem": "; ".join(problems) or None,
         })
-
-    @staticmethod
-    def _records(path: Path) -> list[dict]:
-        records = []
-        metrics = path / "metrics.jsonl"
-        if metrics.is_file():
-            for line in metrics.read_text().splitlines():
-                try:
-                    records.append(json.loads(line))
-                except ValueError:  # a line being written right now
-                    continue
-        return records
-
-    def last_metrics(self, path: Path) -> dict:
-        records = self._records(path)
-        return records[-1] if records else {}
 
     def metrics(self, run_id: str, keys: list[str] | None = None, since: int = 0, root: Path | None = None) -> list[dict]:
         rows = []
-        for record in self._records(self.run_path(run_id, root)):
-            if int(record.get("iteration", 0)) <= since:
+        for record in read_metrics(self.run_path(run_id, root)):
+            if record["iteration"] <= since:
                 continue
             row = {k: v for k, v in record.items() if isinstance(v, (int, float, bool))}
             if keys:
@@ -145,12 +163,8 @@ class RunStore:
 
     def checkpoints(self, run_id: str) -> list[dict]:
         path = self.run_path(run_id)
-        found = []
-        for marker in sorted((path / "ray_train").glob("**/checkpoint.json")):
-            info = read_json(marker) or {}
-            found.append({"iteration": info.get("iteration"), "adapter_version": info.get("version"),
-                          "path": str(marker.parent.relative_to(path))})
-        found.sort(key=lambda c: c["iteration"] or 0)
+        found = [{"iteration": c.iteration, "adapter_version": c.info.get("version"),
+                  "path": str(c.folder.relative_to(path))} for c in list_checkpoints(path)]
         final = path / "final_adapter"
         if (final / "adapter_config.json").is_file():
             found.append({"iteration": None, "adapter_version": None, "path": "final_adapter", "final": True})
@@ -207,9 +221,18 @@ class RunStore:
                 "plot": "sweep.png" if (path / "sweep.png").is_file() else None}
 
     def run_ids_in(self, folder: Path) -> list[str]:
+        """Run folders directly under ``folder``; a link that leads out of it is not one of them."""
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if _NAME.match(p.name) and self.is_run(p))
+        base = folder.resolve()
+        ids = []
+        for p in folder.iterdir():
+            try:
+                if _NAME.match(p.name) and p.resolve().is_relative_to(base) and self.is_run(p):
+                    ids.append(p.name)
+            except OSError:  # a loop of links, a folder we may not read
+                continue
+        return sorted(ids)
 
     def sweep_file(self, sweep_id: str, relative: str) -> Path:
         return safe_child(self.sweep_path(sweep_id), relative)

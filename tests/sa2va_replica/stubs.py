@@ -4,6 +4,7 @@ PYTHONPATH in child processes and Ray workers, only when the real package is mis
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import sys
@@ -25,11 +26,13 @@ def stub_root(missing: list[str]) -> Path | None:
         return None
     if sorted(missing) == sorted(STUBBED_PACKAGES):
         return STUBS
-    root = Path(tempfile.gettempdir()) / f"rl-seg-test-stubs-{os.getuid()}-{'-'.join(sorted(missing))}"
+    # One directory per checkout: two clones on one machine must not share links into each other's stubs.
+    checkout = hashlib.sha1(str(STUBS).encode()).hexdigest()[:10]
+    root = Path(tempfile.gettempdir()) / f"rl-seg-test-stubs-{os.getuid()}-{checkout}-{'-'.join(sorted(missing))}"
     root.mkdir(exist_ok=True)
     for name in [*missing, "_test_stub_support.py"]:
         link = root / name
-        if not link.exists():
+        if not link.is_symlink():
             link.symlink_to(STUBS / name)
     return root
 

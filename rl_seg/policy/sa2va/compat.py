@@ -46,7 +46,7 @@ from typing import Callable, Iterator
 import torch
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "REPAIRS", "check_versions", "check_remote_code_imports",
-           "load_remote_model", "load_tokenizer", "needs_repair", "RemoteCodeError", "quiet_remote_code",
+           "load_remote_model", "load_tokenizer", "needs_repair", "UnsupportedEnvironment", "quiet_remote_code",
            "attn_mask_utils_shim"]
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ MIN_TRANSFORMERS_FOR = {"Qwen2_5_VLForConditionalGeneration": "4.49.0", "Qwen3VL
 REMOTE_CODE_IMPORTS = ("timm", "einops", "torchvision", "qwen_vl_utils", "sentencepiece")
 
 
-class RemoteCodeError(RuntimeError):
-    """A Sa2VA checkpoint's remote code cannot run in this environment; the message says why and what to do."""
+class UnsupportedEnvironment(RuntimeError):
+    """A Sa2VA checkpoint's remote code cannot run in this environment (transformers version, a package missing or
+    broken); the message says why and what to do."""
 
 
 def _version(v: str):
@@ -94,11 +95,11 @@ def check_versions(llm_architecture: str | None = None) -> None:
     line = SUPPORTED_TRANSFORMERS.get(str(installed.major))
     if line is None or not (_version(line[0]) <= installed <= _version(line[1])):
         tested = "; ".join(f"{lo} - {hi} ({how})" for lo, hi, how in SUPPORTED_TRANSFORMERS.values())
-        raise RemoteCodeError(f"transformers {installed} is not a version Sa2VA remote code is tested with under rl-seg "
+        raise UnsupportedEnvironment(f"transformers {installed} is not a version Sa2VA remote code is tested with under rl-seg "
                               f"(tested: {tested}): {fix}")
     needed = MIN_TRANSFORMERS_FOR.get(llm_architecture or "")
     if needed and installed < _version(needed):
-        raise RemoteCodeError(f"this checkpoint's {llm_architecture} needs transformers >= {needed}, installed "
+        raise UnsupportedEnvironment(f"this checkpoint's {llm_architecture} needs transformers >= {needed}, installed "
                               f"{installed}: {fix}")
 
 
@@ -134,7 +135,7 @@ def _required_imports(path: Path) -> dict[str, str]:
         try:
             tree = ast.parse(src.read_text())
         except (SyntaxError, UnicodeDecodeError) as exc:
-            raise RemoteCodeError(f"{src}: not readable Python ({exc})") from exc
+            raise UnsupportedEnvironment(f"{src}: not readable Python ({exc})") from exc
         for node in tree.body:
             if isinstance(node, ast.Import):
                 for alias in node.names:
@@ -173,7 +174,7 @@ def check_remote_code_imports(path: Path) -> None:
                            f"CUDA build; with a CPU torch install torchvision from https://download.pytorch.org/whl/cpu)")
             problems.append(detail)
     if problems:
-        raise RemoteCodeError(f"{path}: the checkpoint's remote code cannot run here: " + "; ".join(problems)
+        raise UnsupportedEnvironment(f"{path}: the checkpoint's remote code cannot run here: " + "; ".join(problems)
                               + ". Install what Sa2VA's remote code needs with: make sa2va "
                               "(pip install -c constraints.txt -e '.[sa2va]')")
 
@@ -197,7 +198,7 @@ REPAIRS = (
 
 
 def _phi3_mask_stand_in(*args, **kwargs):
-    raise RemoteCodeError("a Phi-3 language model called transformers.modeling_attn_mask_utils, which transformers 5 "
+    raise UnsupportedEnvironment("a Phi-3 language model called transformers.modeling_attn_mask_utils, which transformers 5 "
                           "removed; Phi-3 based checkpoints need transformers 4.57 (no Sa2VA release is one)")
 
 
@@ -384,7 +385,7 @@ def load_remote_model(path: str | Path, dtype: torch.dtype | None = None, skip: 
         auto_map = getattr(config, "auto_map", None) or {}
         reference = auto_map.get("AutoModel") or auto_map.get("AutoModelForCausalLM")
         if not reference:
-            raise RemoteCodeError(f"{path / 'config.json'}: auto_map names no AutoModel class")
+            raise UnsupportedEnvironment(f"{path / 'config.json'}: auto_map names no AutoModel class")
         model_cls = get_class_from_dynamic_module(reference, str(path))
         if wanted("post_init_on_construction") and "post_init" not in _init_source(model_cls):
             post_init_on_construction(model_cls)

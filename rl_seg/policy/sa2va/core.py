@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..base import PolicyOutput, SegPolicy
+from ..base import REMOTE_CODE_FLAG, PolicyOutput, RemoteCodeError, SegPolicy
 from . import compat
 
 __all__ = ["Sa2VABase", "Sa2VAInputs", "FrozenFeatures", "DEFAULT_ANSWER", "ACTION_RESOLUTIONS",
@@ -290,8 +290,8 @@ class Sa2VABase(SegPolicy):
         if not config_file.is_file():
             raise FileNotFoundError(f"{path}: no config.json, not a Hugging Face Sa2VA checkpoint")
         if not trust_remote_code:
-            raise PermissionError(f"{path} runs its own Python code (config.json auto_map); allow it with "
-                                  f"policy.trust_remote_code=true (rl-seg eval/merge: --trust-remote-code)")
+            raise RemoteCodeError(f"{path} runs its own Python code (config.json auto_map); if you trust it, set "
+                                  f"{REMOTE_CODE_FLAG}")
         try:
             raw = json.loads(config_file.read_text())
         except ValueError as exc:
