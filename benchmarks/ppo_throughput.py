@@ -42,13 +42,14 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rewards.scoring import TargetCache, pack_mask, score_items  # noqa: E402
 from rl_seg.config import from_dict, load_config, to_dict  # noqa: E402
-from rl_seg.policy import MaskDistribution, load_policy  # noqa: E402
+from rl_seg.flops import FLOP_FORMULAS, flop_counter  # noqa: E402
+from rl_seg.policy import load_policy  # noqa: E402
+from rl_seg.policy.distribution import sample_masks as draw_masks  # noqa: E402
 from rl_seg.policy.base import autocast_for  # noqa: E402
 from rl_seg.policy.lora import attach_lora  # noqa: E402
 from rl_seg.ppo.config import TrainConfig  # noqa: E402
@@ -155,40 +156,6 @@ def _sync(device: torch.device) -> None:
 
 # --- costs of device work: FLOPs and bytes per op ------------------------------------------------------------
 
-def _shape(x) -> tuple:
-    return tuple(getattr(x, "shape", x))  # a tensor, or already a shape where torch wraps the formula itself
-
-
-def _attention_forward_flops(query, key, value, *args, **kwargs) -> int:
-    b, h, sq, d = _shape(query)
-    sk, dv = _shape(key)[-2], _shape(value)[-1]
-    return 2 * b * h * sq * sk * (d + dv)  # Q K^T, then P V, every query head
-
-
-def _attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
-    b, h, sq, d = _shape(query)
-    sk, dv = _shape(key)[-2], _shape(value)[-1]
-    return 2 * b * h * sq * sk * (2 * d + 3 * dv)  # scores recomputed, dP, dV, dQ, dK
-
-
-for _f in (_attention_forward_flops, _attention_backward_flops):
-    _f._get_raw = True  # FlopCounterMode passes tensors, not shapes
-#: torch's SDPA formulas before 2.12 reject grouped-query attention (fewer key/value heads, as Qwen2 has):
-#: these count every query head against the shared key/value heads, as the kernels do.
-ATTENTION_FLOPS = {
-    **{getattr(torch.ops.aten, f"_scaled_dot_product_{kind}_attention"): _attention_forward_flops
-       for kind in ("efficient", "flash", "cudnn") if hasattr(torch.ops.aten, f"_scaled_dot_product_{kind}_attention")},
-    **{getattr(torch.ops.aten, f"_scaled_dot_product_{kind}_attention_backward"): _attention_backward_flops
-       for kind in ("efficient", "flash", "cudnn")
-       if hasattr(torch.ops.aten, f"_scaled_dot_product_{kind}_attention_backward")},
-}
-FLOP_FORMULAS = {**flop_registry, **ATTENTION_FLOPS}
-
-
-def flop_counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
-
-
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "_local_scalar_dense", "lift_fresh", "set_", "record_stream"}
 
 
@@ -281,8 +248,7 @@ def per_sample_flops(cfg: TrainConfig, device: torch.device, image: np.ndarray) 
     from rl_seg.roles.learner import PPOModule
 
     torch.manual_seed(cfg.seed)
-    policy = attach_lora(load_policy(cfg.policy.name, trust_remote_code=cfg.policy.trust_remote_code, device=device),
-                         cfg.policy.lora)
+    policy = attach_lora(load_policy(cfg.policy.name, device=device, **cfg.policy.load_kwargs()), cfg.policy.lora)
     module = PPOModule(policy, policy.get_base_model().hidden_size).to(device)
     pixels = policy.preprocess([image])
     with flop_counter() as fwd, torch.no_grad(), autocast_for(device):
@@ -333,9 +299,8 @@ def sample_masks(policy, image: np.ndarray, fov: np.ndarray | None, k: int, temp
     """K masks for one image, as ``RolloutWorker.sample`` draws them (same autocast, distribution and seed)."""
     with torch.no_grad(), autocast_for(device):
         logits = policy(policy.preprocess([image])).logits.float()
-    valid = None if fov is None else torch.from_numpy(np.array(fov)).to(device)[None]
-    dist = MaskDistribution(logits.expand(k, -1, -1), temperature, None if valid is None else valid.expand(k, -1, -1))
-    return dist.sample(torch.Generator(device=device).manual_seed(seed)).cpu().numpy()
+    valid = None if fov is None else torch.from_numpy(np.array(fov))
+    return draw_masks(logits, k, temperature, seed, valid).cpu().numpy()
 
 
 def build_batch(ids, states, masks, outcomes, k: int, weights: dict, normalize: bool, version: int) -> RolloutBatch:
@@ -363,14 +328,22 @@ class InProcessResult:
     adapter_before: dict = field(repr=False, default_factory=dict)
     adapter_after: dict = field(repr=False, default_factory=dict)
     costs: dict | None = None
+    probe: dict | None = None
 
 
 def run_in_process(cfg: TrainConfig, warmup: int, device: torch.device, sampler: GpuSampler | None = None,
-                   count_costs: bool = False) -> InProcessResult:
+                   count_costs: bool = False, compare_reuse: int = 0, probe=None,
+                   count_flops: bool = False) -> InProcessResult:
     """(b): cfg.iterations PPO iterations without Ray; the first ``warmup`` are not timed. With ``count_costs``
-    the first warm-up iteration runs under the FLOP and byte counters (it is untimed, so they cost nothing)."""
+    the first warm-up iteration runs under the FLOP and byte counters (it is untimed, so they cost nothing).
+    ``cfg.placement=hybrid``: sampling goes through the learner's engine and what it computed is kept for the
+    update (``rl_seg.roles.hybrid``), as the Ray job's hybrid ranks do. ``compare_reuse``: that many more
+    iterations with frozen-tower reuse off, whose learn time is reported beside the timed ones'. ``probe(policy,
+    image, device)``: a measurement of its own on the loaded policy, returned as ``probe``. ``count_flops``: the
+    first iteration's rollout and learn FLOPs (FlopCounterMode) in its record (``flops/rollout``, ``flops/learn``)."""
     import deepspeed
 
+    from rl_seg.roles.hybrid import HybridRollout
     from rl_seg.roles.learner import PPOModule, deepspeed_config, learn
     from rl_seg.train import pool_reward
 
@@ -381,29 +354,43 @@ def run_in_process(cfg: TrainConfig, warmup: int, device: torch.device, sampler:
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads_per_worker)  # as every actor and learner worker of (a)
     torch.manual_seed(cfg.seed)
-    k, temp = cfg.rollout.samples_per_image, cfg.rollout.temperature
-    train = load_states(cfg.data.datasets, cfg.data.train_split, cfg.data.image_size, cfg.data.train_limit)
+    label_size = 256 if cfg.policy.action_resolution == "native" else None
+    train = load_states(cfg.data.datasets, cfg.data.train_split, cfg.data.image_size, cfg.data.train_limit,
+                        label_size)
     by_id = {s.id: s for s in train}
-    order = DataOrder([thin_vessel_fraction(s.gt) for s in train], cfg.seed, cfg.data.curriculum)
+    datasets = [s.id.split("/", 1)[0] for s in train]  # as the coordinator draws them
+    order = DataOrder([thin_vessel_fraction(s.gt) for s in train], cfg.seed, cfg.data.curriculum,
+                      groups=datasets if cfg.data.balance_datasets else None)
     reward = pool_reward(cfg)
     weights, normalize = reward_weights(cfg)
     # One cache across iterations, as each reward actor keeps one: a target's skeleton is computed once.
     targets = TargetCache(capacity=max(1, len(train)))
-    records, costs = [], None
+    records, costs, extra, probed = [], None, [], None
     try:
         with single_process_group(device):
-            policy = attach_lora(load_policy(cfg.policy.name, trust_remote_code=cfg.policy.trust_remote_code,
-                                             device=device), cfg.policy.lora)
+            load_start = time.perf_counter()
+            policy = attach_lora(load_policy(cfg.policy.name, device=device, **cfg.policy.load_kwargs()),
+                                 cfg.policy.lora)
+            if cfg.policy.gradient_checkpointing:
+                policy.get_base_model().enable_gradient_checkpointing()
             module = PPOModule(policy, policy.get_base_model().hidden_size).to(device)
             params = [p for p in module.parameters() if p.requires_grad]
             engine, *_ = deepspeed.initialize(model=module, model_parameters=params,
                                               config=deepspeed_config(cfg, bf16=device.type == "cuda"),
                                               dist_init_required=False)
+            load_s = time.perf_counter() - load_start
             # copied: on a CPU, adapter_state's arrays share memory with the live parameters
             # Dropout off for the whole run, as train_loop does (working-tree learner.py): one network on one
             # input, so the PPO ratio carries no dropout noise.
             engine.module.eval()
+            hybrid = HybridRollout(engine, cfg, 0, 1) if cfg.placement == "hybrid" else None
             before = {n: v.copy() for n, v in adapter_state(module.policy).items()}
+
+            def iterate(iteration: int, run_cfg: TrainConfig, phase_counters: dict | None = None) -> dict:
+                return _one_iteration(engine, module, run_cfg, iteration, order, train, by_id, reward, weights,
+                                      normalize, targets, device, learn, k=run_cfg.rollout.samples_per_image,
+                                      temp=run_cfg.rollout.temperature, hybrid=hybrid, counters=phase_counters)
+
             for iteration in range(cfg.iterations):
                 if iteration == warmup and device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -412,14 +399,20 @@ def run_in_process(cfg: TrainConfig, warmup: int, device: torch.device, sampler:
                 with contextlib.ExitStack() as stack:
                     for mode in modes:
                         stack.enter_context(mode)
-                    rec = _one_iteration(engine, module, cfg, iteration, order, train, by_id, reward, weights,
-                                         normalize, targets, device, learn, k, temp)
+                    rec = iterate(iteration, cfg, {"rollout": flop_counter(), "learn": flop_counter()}
+                                  if iteration == 0 and (counting or count_flops) else None)
                 if counting:
                     costs = {"flop_counter_mode_flops": modes[0].get_total_flops(), "op_costs": modes[1]}
                 records.append(rec)
-            after = {n: v.copy() for n, v in adapter_state(module.policy).items()}
             peak_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            del engine, module, policy, params
+            after = {n: v.copy() for n, v in adapter_state(module.policy).items()}
+            if compare_reuse:
+                without = from_dict(TrainConfig, {**to_dict(cfg), "learner": {
+                    **to_dict(cfg)["learner"], "reuse_frozen_towers": False}})
+                extra = [iterate(cfg.iterations + i, without) for i in range(compare_reuse)]
+            if probe is not None:
+                probed = probe(module.policy, train[0].image, device)
+            del engine, module, policy, params, hybrid
     finally:
         torch.set_num_threads(threads)
         gc.collect()
@@ -427,25 +420,38 @@ def run_in_process(cfg: TrainConfig, warmup: int, device: torch.device, sampler:
             torch.cuda.empty_cache()
     summary = summarize(records[warmup:], cfg, wall=None)
     summary["peak_memory_allocated_mib"] = None if peak_alloc is None else peak_alloc / 2 ** 20
+    summary["load_s"] = load_s
     if sampler is not None and sampler.active and records[warmup:]:
         t0 = records[warmup]["time"] - records[warmup]["time/iteration"]
         summary["nvidia_smi"] = sampler.window(t0, records[-1]["time"])
     summary["reward_by_iteration"] = [r["reward"] for r in records]
-    return InProcessResult(records, summary, before, after, costs)
+    if extra:
+        summary["learn_s_without_reuse"] = float(np.mean([r["time/learn"] for r in extra]))
+        summary["rollout_s_without_reuse"] = float(np.mean([r["time/rollout"] for r in extra]))
+    return InProcessResult(records, summary, before, after, costs, probed)
 
 
 def _one_iteration(engine, module, cfg, iteration, order, train, by_id, reward, weights, normalize, targets,
-                   device, learn, k, temp) -> dict:
+                   device, learn, k, temp, hybrid=None, counters: dict | None = None) -> dict:
+    counters = counters or {}
     t_iter = time.perf_counter()
     picks = order.next_batch(cfg.data.images_per_iteration)
     states = [train[i] for i in picks]
     # Seeds as the coordinator derives them, so (a) and (b) draw the same masks from the same policy.
     seeds = [cfg.seed * 1_000_003 + iteration * 10_007 + int(i) for i in picks]
-    mode = module.training
-    module.eval()  # rollout actors sample in eval mode (no LoRA dropout)
-    masks = [sample_masks(module.policy, s.image, s.fov, k, temp, seed, device) for s, seed in zip(states, seeds)]
-    module.train(mode)
-    _sync(device)
+    with counters.get("rollout") or contextlib.nullcontext():
+        if hybrid is not None:
+            replies = hybrid.sample([(pos, s.id, s.image, s.fov, seed)
+                                     for pos, (s, seed) in enumerate(zip(states, seeds))], iteration)
+            masks = [np.unpackbits(r["samples"][0]["bits"], count=int(np.prod(r["samples"][0]["shape"])))
+                     .reshape(r["samples"][0]["shape"]).astype(bool) for _, r in sorted(replies.items())]
+        else:
+            mode = module.training
+            module.eval()  # rollout actors sample in eval mode (no LoRA dropout)
+            masks = [sample_masks(module.policy, s.image, s.fov, k, temp, seed, device)
+                     for s, seed in zip(states, seeds)]
+            module.train(mode)
+        _sync(device)
     t_rollout = time.perf_counter() - t_iter
 
     t0 = time.perf_counter()
@@ -455,13 +461,17 @@ def _one_iteration(engine, module, cfg, iteration, order, train, by_id, reward, 
     t_reward = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    learn(engine, batch, cfg, 0, 1, iteration)
-    _sync(device)
+    with counters.get("learn") or contextlib.nullcontext():
+        learn(engine, batch, cfg, 0, 1, iteration, hybrid.take() if hybrid is not None else None)
+        _sync(device)
     t_learn = time.perf_counter() - t0
     # The rollout here samples with the learner's own module: no weights move, so sync and export are zero.
-    return {"iteration": iteration + 1, "time/rollout": t_rollout, "time/reward": t_reward, "time/learn": t_learn,
-            "time/sync": 0.0, "time/export": 0.0, "time/iteration": time.perf_counter() - t_iter,
-            "masks": len(picks) * k, "reward": batch.stats["reward"], "time": time.time()}
+    rec = {"iteration": iteration + 1, "time/rollout": t_rollout, "time/reward": t_reward, "time/learn": t_learn,
+           "time/sync": 0.0, "time/export": 0.0, "time/iteration": time.perf_counter() - t_iter,
+           "masks": len(picks) * k, "reward": batch.stats["reward"], "batch_ids": [s.id for s in states],
+           "time": time.time()}
+    rec.update({f"flops/{phase}": float(c.get_total_flops()) for phase, c in counters.items()})
+    return rec
 
 
 # --- (a): the Ray job ----------------------------------------------------------------------------------------

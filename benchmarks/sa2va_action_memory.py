@@ -59,7 +59,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device (torch.cuda.max_memory_allocated)", file=sys.stderr)
         return 2
-    from sa2va_replica import build_replica  # the GPU host has the real timm, einops and torchvision
+    from sa2va_replica.stubs import use_test_stubs
+
+    use_test_stubs()  # the replica's remote code imports torchvision and timm: TEST STUBs only where they are missing
+    from sa2va_replica import build_replica
 
     from rl_seg.policy import load_policy
     from rl_seg.policy.lora import LoraSettings, attach_lora
@@ -79,10 +82,11 @@ def main() -> int:
                 rows.append({"actions": resolution, "image": [h, w], "grid": list(grid), "k": k, "peak_bytes": peak,
                              "peak_mib": round(peak / 2 ** 20, 1)})
                 print(f"{resolution:>6} {h}x{w} grid {grid[0]}x{grid[1]} K={k}: {peak / 2 ** 20:8.1f} MiB", flush=True)
+                if args.out:  # after every row: a call cut short by its time limit keeps the rows it measured
+                    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
+                                                   indent=2) + "\n")
             del policy
             torch.cuda.empty_cache()
-    if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -6,6 +6,7 @@ Each subcommand's module is imported only when it runs, so `rl-seg score` does n
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -162,12 +163,44 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(cfg, gpus: str | None) -> dict:
+    from .plan import parse_gpus, plan_train_config
+
+    try:
+        spec = parse_gpus(gpus) if gpus else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    result = plan_train_config(cfg, spec)
+    if result.get("checked") and gpus is None:
+        result["lines"].append("  (GPUs assumed: as many as the config asks for, 80 GiB each; name yours with --gpus)")
+    return result
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .ppo.config import TrainConfig
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    result = _plan(cfg, args.gpus)
+    print("\n".join(result["lines"]))
+    if args.json:
+        args.json.write_text(json.dumps({k: v for k, v in result.items() if k != "lines"}, indent=1) + "\n")
+    return 0 if result["fits"] else 2
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from .config import load_config
     from .ppo.config import TrainConfig
     from .service.jobs import dashboard_url, job_client, submit_training
 
     cfg = load_config(TrainConfig, args.config, args.overrides)  # bad configs fail here, not on the cluster
+    if not args.no_plan:  # and configs that cannot fit fail here too, before the cluster is contacted
+        result = _plan(cfg, args.gpus)
+        if not result["fits"]:
+            print("\n".join(result["lines"][:-1]), file=sys.stderr)
+            print(f"rl-seg submit: error: {args.config} does not fit: {'; '.join(result['problems'])} "
+                  f"(rl-seg plan --config {args.config} shows the parts; --no-plan submits anyway)", file=sys.stderr)
+            return 2
     name = args.name or cfg.name
     run_dir = (args.run_dir or cfg.run_dir).resolve()
     working_dir = None if args.no_working_dir else args.working_dir.resolve()
@@ -285,7 +318,23 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--python", default="python", help="python on the cluster that has rl-seg installed")
     sb.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 unless "
                     "it SUCCEEDED")
+    sb.add_argument("--gpus", default=None, help="the cluster's GPUs for the memory plan run first, e.g. 4xA100-80GB "
+                    "(default: as many as the config asks for, 80 GiB each)")
+    sb.add_argument("--no-plan", action="store_true", help="submit without checking the memory plan")
     sb.set_defaults(func=cmd_submit)
+
+    pl = sub.add_parser("plan", help="whether a train config fits its GPUs: GiB per process, largest micro-batch",
+                        description="The GPU memory plan of a train config (rl_seg/plan.py): per GPU the processes "
+                                    "Ray would place there (learner ranks, rollout actors) and the GiB each holds, "
+                                    "whether it fits, and each learner's largest micro-batch. Exit 2 when it does "
+                                    "not fit. Sa2VA checkpoints only; nothing is loaded (config.json and the "
+                                    "safetensors headers are read).")
+    pl.add_argument("--config", type=Path, required=True, help="train config YAML")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    pl.add_argument("--gpus", default=None, help="e.g. 4xA100-80GB, 1xH200, 2x80GB (default: as many as the config "
+                    "asks for, 80 GiB each)")
+    pl.add_argument("--json", type=Path, default=None, help="also write every number here")
+    pl.set_defaults(func=cmd_plan)
 
     sv = sub.add_parser("serve", help="the status service (FastAPI): runs, metrics, health, sweeps; stop/submit",
                         description="Serve run and sweep status over HTTP (OpenAPI docs at /docs). Binds "

@@ -119,7 +119,7 @@ def _run(cfg: TrainConfig, session: RunSession, train: list[State], val: list[St
             RolloutWorker.options(**placement.options(i), max_restarts=cfg.rollout.max_restarts, name=None)
             .remote(cfg.policy.name, cfg.policy.lora, cfg.threads_per_worker, cfg.rollout.num_gpus > 0,
                     cfg.policy.load_kwargs(), str(run_path / LOG_DIR), f"rollout-{i}")
-            for i in range(cfg.rollout.num_workers)
+            for i in range(0 if cfg.placement == "hybrid" else cfg.rollout.num_workers)  # hybrid: the learners sample
         ]
         ray.get([w.ready.remote() for w in rollout_workers])
         pool = RewardPool(pool_reward(cfg), num_actors=cfg.reward.num_actors, num_cpus_per_actor=cfg.reward.num_cpus,

@@ -1,9 +1,7 @@
 import contextlib
-import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 # Ray reads its authentication mode at import: set it before any test module imports ray.
@@ -14,41 +12,8 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
-STUBS = Path(__file__).resolve().parent / "stubs"
-STUBBED_PACKAGES = ("torchvision", "timm")
-
-
-def stub_root(missing: list[str]) -> Path | None:
-    """The directory to put on the path so that exactly the ``missing`` packages come from tests/stubs: tests/stubs
-    itself when all are missing, else a temporary directory linking only those (a path entry exposes every package
-    in it, and PYTHONPATH entries come before site-packages in Ray workers, so a stub must never sit beside a
-    real package it would shadow)."""
-    if not missing:
-        return None
-    if sorted(missing) == sorted(STUBBED_PACKAGES):
-        return STUBS
-    # One directory per checkout: two clones on one machine must not share links into each other's stubs.
-    checkout = hashlib.sha1(str(STUBS).encode()).hexdigest()[:10]
-    root = Path(tempfile.gettempdir()) / f"rl-seg-test-stubs-{os.getuid()}-{checkout}-{'-'.join(sorted(missing))}"
-    root.mkdir(exist_ok=True)
-    for name in [*missing, "_test_stub_support.py"]:
-        link = root / name
-        if not link.is_symlink():
-            link.symlink_to(STUBS / name)
-    return root
-
-
-def use_test_stubs() -> None:
-    """Put the TEST STUB torchvision/timm on the path (here and, through PYTHONPATH, in Ray workers) for each of
-    them this environment has no real package of; a machine with the real ones uses those."""
-    root = stub_root([name for name in STUBBED_PACKAGES if importlib.util.find_spec(name) is None])
-    if root is None:
-        return
-    if str(root) not in sys.path:
-        sys.path.append(str(root))
-    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(root) not in entries:
-        os.environ["PYTHONPATH"] = os.pathsep.join([*entries, str(root)])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sa2va_replica.stubs import STUBBED_PACKAGES, STUBS, stub_root, use_test_stubs  # noqa: E402,F401
 
 
 use_test_stubs()

@@ -52,7 +52,7 @@ def test_llm_param_count_within_5_percent_of_nominal(name):
 
 
 def test_nominal_sizes_are_the_public_ones():
-    assert [mp.MODELS[n].llm.nominal_b for n in mp.MODELS] == [0.49, 3.09, 7.7, 19.9]
+    assert [mp.MODELS[n].llm.nominal_b for n in mp.MODELS] == [0.49, 3.09, 7.7, 19.9, 7.62, 14.7]
 
 
 @pytest.mark.parametrize("name", list(mp.MODELS))
@@ -291,9 +291,14 @@ def test_main_writes_markdown_and_json(tmp_path, capsys):
     data = json.loads((tmp_path / "memory_plan.json").read_text())
     assert "## Verdict" in md and "plan 2: 2 x A100-80GB, ZeRO-2" in md
     assert data["settings"]["lora_rank"] == 32 and data["settings"]["micro_batch"] == 2
-    assert len(data["rows"]) == len(rep["rows"]) == 4 * (2 * 7 + 2 * 2)
+    assert len(data["rows"]) == len(rep["rows"]) == len(mp.MODELS) * len(mp.LAYOUTS) * (7 + 2)
     rows = {(r["plan"], r["layout"], r["model"], r["zero_stage"], r["offload"]): r for r in data["rows"]}
     # The conclusions the plan rests on: 1B fits colocated under ZeRO-2; 26B colocated does not (two bf16 bases).
     assert rows[("plan 1: 4 x A100-80GB", "colocated", "Sa2VA-1B", 2, False)]["fits"] is True
     assert rows[("plan 1: 4 x A100-80GB", "colocated", "Sa2VA-26B", 2, False)]["fits"] is False
+    # hybrid holds one copy per GPU: 26B fits where colocated does not, and needs less than colocated everywhere
+    assert rows[("plan 1: 4 x A100-80GB", "hybrid", "Sa2VA-26B", 2, False)]["fits"] is True
+    for (plan, layout, model, stage, offload), r in rows.items():
+        if layout == "hybrid":
+            assert r["total"] < rows[(plan, "colocated", model, stage, offload)]["total"]
     assert "Sa2VA-26B" in capsys.readouterr().out

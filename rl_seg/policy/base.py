@@ -89,6 +89,16 @@ class SegPolicy(nn.Module, ABC):
         """Several ``preprocess`` results as one batch (policies with structured inputs override this)."""
         return torch.cat(list(batch))
 
+    def encode_frozen(self, inputs):
+        """The outputs of the towers no LoRA layer sits in, computed once for ``forward(inputs, frozen=...)``
+        (which policies with such towers accept); None: this policy has none to hand over."""
+        return None
+
+    def enable_gradient_checkpointing(self) -> list[str]:
+        """Activation checkpointing of the policy's transformer layers; returns the layer stacks wrapped."""
+        raise ValueError(f"policy.gradient_checkpointing: {type(self).__name__} has no transformer layer stacks to "
+                         f"checkpoint (it is for Sa2VA checkpoints)")
+
     @classmethod
     def recognizes(cls, config: dict) -> bool:
         """Whether a checkpoint folder without rl-seg's marker, whose ``config.json`` is ``config``, is this kind."""

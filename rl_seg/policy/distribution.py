@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MaskDistribution"]
+__all__ = ["MaskDistribution", "sample_masks"]
 
 
 class MaskDistribution:
@@ -65,3 +65,14 @@ class MaskDistribution:
             b, h, w = self.logits.shape
             return torch.full((b,), h * w, device=self.logits.device, dtype=self.logits.dtype)
         return self.valid.flatten(1).sum(1).to(self.logits.dtype)
+
+
+def sample_masks(logits: torch.Tensor, k: int, temperature: float, seed: int,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """K boolean masks from one image's logits (1 x H x W or H x W), drawn with a generator seeded by ``seed`` on
+    the logits' device: the same logits and seed give the same masks in a rollout actor and in a learner rank."""
+    logits = logits.reshape(1, *logits.shape[-2:]).float()
+    if valid is not None:
+        valid = valid.reshape(1, *valid.shape[-2:]).to(logits.device).expand(k, -1, -1)
+    dist = MaskDistribution(logits.expand(k, -1, -1), temperature, valid)
+    return dist.sample(torch.Generator(device=logits.device).manual_seed(int(seed)))

@@ -15,7 +15,9 @@ from ..policy.lora import LoraSettings
 from .core import ADVANTAGES, PPOLossConfig
 
 __all__ = ["TrainConfig", "DataConfig", "PolicyConfig", "RolloutConfig", "RewardConfig", "PPOConfig",
-           "LearnerConfig", "AdaptiveRecallConfig"]
+           "LearnerConfig", "AdaptiveRecallConfig", "PLACEMENTS"]
+
+PLACEMENTS = ("colocated", "disaggregated", "hybrid")
 
 
 @dataclass
@@ -73,12 +75,20 @@ class PolicyConfig:
     dtype: str | None = field(default=None, metadata={
         "help": "Sa2VA: weight dtype on load (bfloat16, float16, float32); null: the checkpoint's own",
         "choices": (None, "bfloat16", "float16", "float32")})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Sa2VA: the language model's attention, 'sdpa' or 'eager', where the model allows the choice "
+                "(transformers' Qwen2/Qwen2.5/Qwen3 and Qwen-VL do; InternLM2's remote code has eager or flash-attn "
+                "only); null: the policy's default, sdpa", "choices": (None, "sdpa", "eager")})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "learner: activation checkpointing of every language-model layer (and of the vision tower's when "
+                "LoRA sits in it): each layer keeps only its input and is run again in the backward. Less memory "
+                "for a larger micro-batch, about a third more learner compute (rl-seg plan shows both)"})
 
     def load_kwargs(self) -> dict:
         """What ``load_policy`` takes from this config: only options that differ from their defaults, so that a
         policy that has no such option (the default model) is asked for none unless the user set it."""
         defaults = PolicyConfig()
-        options = {k: getattr(self, k) for k in ("action_resolution", "max_tiles", "dtype")
+        options = {k: getattr(self, k) for k in ("action_resolution", "max_tiles", "dtype", "attn_implementation")
                    if getattr(self, k) != getattr(defaults, k)}
         if self.trust_remote_code:
             options["trust_remote_code"] = True
@@ -98,6 +108,11 @@ class RolloutConfig:
     max_restarts: int = field(default=3, metadata={
         "help": "times Ray restarts a dead rollout actor; once spent, the run fails naming this budget (a resumed "
                 "run starts fresh actors with a fresh budget)", "min": 0})
+    ship_frozen: bool | None = field(default=None, metadata={
+        "help": "send the frozen towers' outputs (learner.reuse_frozen_towers) with each rollout reply, so the "
+                "learner does not compute them at all. null: where the rollout actors run on CPUs (measured with "
+                "the tiny Sa2VA replica: handing them over cost ~1% of computing them), not on GPUs (the towers "
+                "take milliseconds there; benchmarks/sa2va_scale.py measures both). Unused with placement=hybrid"})
 
 
 @dataclass
@@ -158,6 +173,13 @@ class LearnerConfig:
     max_failures: int = field(default=1, metadata={
         "help": "learner-group restarts from the last checkpoint; once spent, the run fails naming this budget",
         "min": 0})
+    reuse_frozen_towers: bool = field(default=True, metadata={
+        "help": "compute the towers no LoRA layer sits in (Sa2VA: InternViT + mlp1, SAM2's image encoder) once per "
+                "image and iteration and reuse them in the reference pass and every PPO epoch (same numbers, "
+                "fewer FLOPs); off where a LoRA target puts an adapter into a tower, whatever this says"})
+    count_flops: bool = field(default=False, metadata={
+        "help": "count the FLOPs of the first iteration's learn phase (and, hybrid, its rollout) with "
+                "torch.utils.flop_counter: metrics flops/learn, flops/rollout (for MFU; slows that iteration)"})
     report_poll_s: float = field(default=0.05, metadata={
         "help": "how often Ray Train's controller collects reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, when not "
                 "set): each iteration's report waits for it, so it must be well under an iteration", "gt": 0})
@@ -191,8 +213,10 @@ class TrainConfig:
                                                          "min": 1})
     placement: str = field(default="colocated", metadata={
         "help": "colocated: rollout actors share GPUs with the learners (fractional rollout.num_gpus); "
-                "disaggregated: each rollout actor gets whole GPUs of its own, reserved in a placement group",
-        "choices": ["colocated", "disaggregated"]})
+                "disaggregated: each rollout actor gets whole GPUs of its own, reserved in a placement group; "
+                "hybrid: no rollout actors, each learner rank samples its own images with the weights it trains "
+                "(one model copy per GPU, no adapter sync; rollout.num_workers/num_cpus/num_gpus unused)",
+        "choices": list(PLACEMENTS)})
     placement_timeout_s: float = field(default=300.0, metadata={
         "help": "disaggregated: how long to wait for the rollout GPUs before failing with what is missing", "gt": 0})
     progress: bool = field(default=True, metadata={"help": "progress line per iteration"})
@@ -228,6 +252,13 @@ class TrainConfig:
         if self.ppo.advantage == "group" and self.rollout.samples_per_image < 2:
             raise ConfigError("rollout.samples_per_image: ppo.advantage=group needs >= 2 "
                               f"(got {self.rollout.samples_per_image})")
+
+    @property
+    def ships_frozen(self) -> bool:
+        """Whether rollout actors send frozen-tower outputs to the learner (``rollout.ship_frozen`` resolved)."""
+        if self.placement == "hybrid" or not self.learner.reuse_frozen_towers:
+            return False
+        return self.rollout.ship_frozen if self.rollout.ship_frozen is not None else self.rollout.num_gpus == 0
 
     @property
     def run_path(self) -> Path:

@@ -4,7 +4,8 @@ One iteration's data path: pick images (``DataOrder``) -> rollout actors sample 
 version N -> the reward pool scores every mask -> rewards (with the current, possibly adaptive, weights) and
 sample metrics -> a batch for the learner ranks. Rollout requests that die with their actor are redone (a
 request is self-contained and seeded, so the redo gives the same masks); masks whose scoring fails are kept
-out of the update and counted.
+out of the update and counted. With ``placement=hybrid`` the learner ranks themselves sample (``local``, a
+``rl_seg.roles.hybrid.HybridRollout``): same draw, same seeds, same scoring, no actors.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class RolloutBatch:
     weights: dict[str, float]
     version: int
     stats: dict = field(default_factory=dict)
+    #: per image: the frozen towers' outputs the rollout sent (``rollout.ship_frozen``), else None
+    frozen: list | None = None
 
     def unpack_actions(self, j: int) -> np.ndarray:
         bits, shape = self.actions[j]
@@ -71,11 +74,18 @@ def total_reward(components: dict[str, float], weights: dict[str, float], normal
     return total / sum(abs(w) for w in weights.values()) if normalize else total
 
 
+def _peak_memory(replies) -> dict:
+    """The largest rollout process's peak GPU memory among these replies (absent on CPUs)."""
+    peaks = [r["peak_memory_gib"] for r in replies if r.get("peak_memory_gib") is not None]
+    return {"memory/rollout_peak_gib": max(peaks)} if peaks else {}
+
+
 class Coordinator:
     def __init__(self, cfg: TrainConfig, rollout_workers: list, pool, train_states: list[tuple[str, list]],
-                 val_states: list[tuple[str, list]], difficulty: list[float]):
+                 val_states: list[tuple[str, list]], difficulty: list[float], local=None):
         self.cfg = cfg
         self.workers = rollout_workers
+        self.local = local
         self.pool = pool
         self.train_states = train_states
         self.val_states = val_states
@@ -178,16 +188,15 @@ class Coordinator:
             states = [tuple(None if a is None else dihedral_view(a, v) for a in state)
                       for state, v in zip(states, views)]
             boxes = [(state_id, [ray.put(state)]) for state_id, state in zip(ids, states)]
+        seeds = [cfg.seed * 1_000_003 + iteration * 10_007 + int(i) for i in picks]
         n = len(self.workers)
         # One request per image, spread over the actors: replies stream back image by image and a scoring
         # thread sends whatever has arrived to the reward pool in one call (several images at once when they
         # arrive together), so scoring runs while later images are still sampled and only the last arrivals'
         # scoring is left after the rollout.
-        requests = {}
-        for pos, i in enumerate(picks):
-            seed = cfg.seed * 1_000_003 + iteration * 10_007 + int(i)
-            requests[pos] = (pos % n, "sample", (version, weights_box, [boxes[pos]], k,
-                                                 cfg.rollout.temperature, [seed]))
+        requests = {pos: (pos % n, "sample", (version, weights_box, [boxes[pos]], k, cfg.rollout.temperature,
+                                              [seeds[pos]], cfg.ships_frozen))
+                    for pos in range(len(picks))} if n else {}
         arrived: queue.SimpleQueue = queue.SimpleQueue()
         actions: dict[int, np.ndarray] = {}
 
@@ -213,7 +222,11 @@ class Coordinator:
 
         scoring = self._scorer.submit(score_arrivals)
         try:
-            replies = self._gather(requests, on_reply=on_reply)
+            if self.local is not None:
+                replies = self.local.lead(version, [(pos, int(i), seeds[pos], views[pos])
+                                                    for pos, i in enumerate(picks)], states, ids, on_reply)
+            else:
+                replies = self._gather(requests, on_reply=on_reply)
         except BaseException:
             arrived.put(None)
             raise
@@ -257,6 +270,7 @@ class Coordinator:
             "rollout_version": int(min(r["version"] for r in replies.values())),
             "time/rollout": t_rollout, "time/reward": t_reward,
             "time/sync": max(r["sync_s"] for r in replies.values()),
+            **_peak_memory(replies.values()),
             "masks_per_s": len(ids) * k / max(t_rollout + t_reward, 1e-9),
             **{f"weight/{c}": w for c, w in self.weights.items()},
             **self.counters,
@@ -268,9 +282,11 @@ class Coordinator:
             log.warning("iteration %d: masks collapsed (empty %.0f%%, near-full %.0f%%)", iteration,
                         100 * stats["empty_mask_fraction"], 100 * stats["full_mask_fraction"])
         packed = [(samples[pos]["bits"], tuple(samples[pos]["shape"])) for pos in range(len(picks))]
+        frozen = [samples[pos].get("frozen") for pos in range(len(picks))]
         return RolloutBatch(ids=ids, images=[s[0] for s in states], gts=[s[1] for s in states],
                             fovs=[s[2] for s in states], actions=packed, rewards=rewards, components=components,
-                            ok=oks, weights=dict(self.weights), version=version, stats=stats)
+                            ok=oks, weights=dict(self.weights), version=version, stats=stats,
+                            frozen=frozen if any(f is not None for f in frozen) else None)
 
     def _adapt_weights(self, outcomes) -> None:
         """Raise the recall weight while the batch's recall is under the bound (original plan's extra)."""
@@ -301,12 +317,15 @@ class Coordinator:
     def validate(self, version: int, weights_box: list) -> dict:
         if not self.val_states:
             return {}
-        n = len(self.workers)
-        requests = {w: (w, "predict", (version, weights_box, self.val_states[w::n])) for w in range(n)
-                    if self.val_states[w::n]}
         probs = {}
-        for reply in self._gather(requests).values():
-            probs.update(reply["probs"])
+        if self.local is not None:
+            probs = self.local.predict([(state_id, ray.get(box[0])) for state_id, box in self.val_states])
+        else:
+            n = len(self.workers)
+            requests = {w: (w, "predict", (version, weights_box, self.val_states[w::n])) for w in range(n)
+                        if self.val_states[w::n]}
+            for reply in self._gather(requests).values():
+                probs.update(reply["probs"])
         rows = []
         for state_id, box in self.val_states:
             _, gt, fov = ray.get(box[0])

@@ -8,7 +8,13 @@ exports the adapter weights (only those) as version N+1 for the rollout actors.
 
 Old log-probabilities are recomputed by the learner before the first epoch instead of being shipped from the
 rollout (the approach verl takes): rollouts are synchronous (they sample with the version the learner holds,
-and the lag is logged), so the recomputation is exact and pixels need not travel as floats.
+and the lag is logged), so the recomputation is exact and pixels need not travel as floats. With
+``placement=hybrid`` the ranks sample themselves (``rl_seg.roles.hybrid``) and keep that forward's logits instead.
+
+Frozen-tower reuse (``learner.reuse_frozen_towers``): where no LoRA layer sits in a tower (InternViT + ``mlp1``,
+SAM2's image encoder), its output is computed once per image and iteration (``SegPolicy.encode_frozen``) and handed
+to the old-policy, reference and every epoch's forward: the same numbers, without running the tower again. Where
+the rollout actors sent it with their masks (``rollout.ship_frozen``) the learner does not compute it at all.
 
 Checkpoints (every ``checkpoint_every`` iterations and at the end) hold the adapter in PEFT format, the value
 head, DeepSpeed's optimizer and scheduler state, RNG states, the data order and the iteration; they are
@@ -19,6 +25,7 @@ from a checkpoint first drops the metrics of the iterations it will redo (``rl_s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -37,6 +44,7 @@ from torch import nn
 from ..config import from_dict
 from ..console import LOG_DIR, announce
 from ..console import done as console_done
+from ..flops import flop_counter
 from ..guards import non_finite
 from ..policy import MaskDistribution, load_policy
 from ..policy.base import autocast_for
@@ -47,7 +55,8 @@ from ..run_checkpoints import choose_checkpoint, latest_checkpoint, prune_checkp
 from ..run_files import HEALTH, read_json, stop_requested, write_json_atomic, write_sample_overlay
 from ..run_outcome import disk_guard
 from .coordinator import Coordinator, RolloutBatch
-from .rollout import adapter_state
+from .hybrid import HybridRollout, cat_frozen, frozen_kwargs
+from .rollout import adapter_state, peak_memory_gib
 
 __all__ = ["PPOModule", "train_loop", "deepspeed_config", "save_checkpoint", "load_checkpoint", "raise_if_non_finite",
            "NON_FINITE"]
@@ -66,8 +75,8 @@ class PPOModule(nn.Module):
         self.policy = policy
         self.value_head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 1))
 
-    def forward(self, pixel_values: torch.Tensor):
-        out = self.policy(pixel_values)
+    def forward(self, pixel_values: torch.Tensor, frozen=None):
+        out = self.policy(pixel_values, **frozen_kwargs(frozen))
         return out.logits, self.value_head(out.seg_hidden.float())[:, 0]
 
 
@@ -148,27 +157,44 @@ def _tensors(batch: RolloutBatch, j: int, device) -> tuple:
     return actions, gt, valid
 
 
-def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, iteration: int) -> dict:
-    """PPO epochs over this rank's images; returns mean statistics of this rank."""
+def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, iteration: int,
+          rollouts: dict[int, dict] | None = None) -> dict:
+    """PPO epochs over this rank's images; returns mean statistics of this rank. ``rollouts``: what this rank's own
+    sampling kept per batch position (hybrid placement: inputs, frozen features, old logits and values)."""
     device = engine.device
     module = engine.module
     k = cfg.rollout.samples_per_image
     temp = cfg.rollout.temperature
     mine = _shard(batch, rank, world)
-    pixel_values = {j: module.policy.preprocess([batch.images[j]]) for j in mine}
+    rollouts = rollouts or {}
+    pixel_values = {j: rollouts[j]["inputs"] if j in rollouts else module.policy.preprocess([batch.images[j]])
+                    for j in mine}
+    frozen: dict = {}
 
     # Old policy (this version, no gradient), reference policy (adapter off) and values, once per iteration.
     prepared = {}
     problem = None
     with torch.no_grad():
         for j in mine:
-            with autocast_for(device):
-                logits, value = engine(pixel_values[j])
+            kept = rollouts.get(j)
+            if cfg.learner.reuse_frozen_towers:
+                if kept is not None:
+                    frozen[j] = kept["frozen"]
+                elif batch.frozen is not None and batch.frozen[j] is not None:  # sent by the rollout actor
+                    frozen[j] = batch.frozen[j].to(device)
+                else:
+                    with autocast_for(device):
+                        frozen[j] = module.policy.encode_frozen(pixel_values[j])
+            if kept is not None:
+                logits, value = kept["logits"], kept["value"]
+            else:
+                with autocast_for(device):
+                    logits, value = engine(pixel_values[j], **frozen_kwargs(frozen.get(j)))
             logits = logits.float()
             ref_logits = None
             if cfg.ppo.loss.kl_coef > 0:
                 with module.policy.disable_adapter(), autocast_for(device):
-                    ref_logits = module.policy(pixel_values[j]).logits.float()
+                    ref_logits = module.policy(pixel_values[j], **frozen_kwargs(frozen.get(j))).logits.float()
             actions, gt, valid = _tensors(batch, j, device)
             old = MaskDistribution(logits.expand(k, -1, -1), temp, valid)
             prepared[j] = dict(actions=actions, gt=gt, valid=valid, old_logp=old.log_prob(actions),
@@ -216,7 +242,8 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
         for start in range(0, len(order), mb):
             group = order[start:start + mb]
             with autocast_for(device):
-                logits, value = engine(module.policy.collate([pixel_values[j] for j in group]))
+                logits, value = engine(module.policy.collate([pixel_values[j] for j in group]),
+                                       **frozen_kwargs(cat_frozen([frozen.get(j) for j in group])))
             loss = 0.0
             for n, j in enumerate(group):
                 p = prepared[j]
@@ -317,6 +344,23 @@ def _all_mean(stats: dict, device) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
+def _all_sum(stats: dict, device) -> dict:
+    keys = sorted(stats)
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def _all_max(stats: dict, device) -> dict:
+    """The largest value of each statistic over the ranks; statistics a rank lacks (None: no GPU) are left out."""
+    keys = sorted(k for k, v in stats.items() if v is not None)
+    if not keys:
+        return {}
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist()))
+
+
 # --- the training function ------------------------------------------------------------------------------------
 
 class _HealthWriter:
@@ -401,6 +445,13 @@ def train_loop(config: dict) -> None:
     policy = attach_lora(load_policy(cfg.policy.name, device=device, **cfg.policy.load_kwargs()), cfg.policy.lora)
     if cfg.policy.init_adapter:  # the rollouts receive it with the first weight sync (version 0)
         load_adapter_weights(policy, cfg.policy.init_adapter)
+    if cfg.policy.gradient_checkpointing:
+        stacks = policy.get_base_model().enable_gradient_checkpointing()
+        if rank == 0:
+            log.info("activation checkpointing: %s", ", ".join(stacks))
+    if rank == 0 and cfg.learner.reuse_frozen_towers:
+        towers = getattr(policy.get_base_model(), "frozen_towers", lambda: ())()
+        log.info("frozen towers computed once per image and iteration: %s", ", ".join(towers) or "none")
     module = PPOModule(policy, policy.get_base_model().hidden_size).to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=params,
@@ -410,10 +461,11 @@ def train_loop(config: dict) -> None:
     # ratio carries that noise (and differs from the rollout actors, which sample in eval mode).
     engine.module.eval()
 
+    hybrid = HybridRollout(engine, cfg, rank, world, config["train_states"]) if cfg.placement == "hybrid" else None
     coordinator = None
     if rank == 0:
         coordinator = Coordinator(cfg, config["rollout_workers"], config["pool"], config["train_states"],
-                                  config["val_states"], config["difficulty"])
+                                  config["val_states"], config["difficulty"], local=hybrid)
     start_iteration, version = 0, 0
     checkpoint_dir = _checkpoint_to_restore(config)
     if checkpoint_dir is not None:
@@ -433,7 +485,8 @@ def train_loop(config: dict) -> None:
             logger = RunLogger(run_path, enable_gauges=True, progress=cfg.progress, iterations=cfg.iterations,
                                resume_at=start_iteration)
         session = uuid.uuid4().hex[:8]  # a restarted group re-issues version numbers: keys stay unique
-        weights_box = [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
+        # hybrid: the ranks sample with the weights they train, nothing is exported
+        weights_box = None if hybrid else [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
         health = _HealthWriter(run_path, coordinator, world, session)
         health.write(start_iteration, version)
     last_val: dict = {}
@@ -442,14 +495,28 @@ def train_loop(config: dict) -> None:
     done, stop, stopped_on_nan = start_iteration, [False], False
     for iteration in range(start_iteration, stop_at):
         t_iter = time.perf_counter()
+        # FLOPs are counted on the session's first iteration (untimed warm-up: the counter slows what it counts);
+        # the rollout's only where it runs in the ranks
+        counters = {}
+        if cfg.learner.count_flops and iteration == start_iteration:
+            counters = {"learn": flop_counter(), **({"rollout": flop_counter()} if hybrid else {})}
         # The batch itself goes through the collective: an ObjectRef pickled outside Ray's serializer is not
         # registered with its owner, and ray.get on it in another rank blocks forever.
-        box = [coordinator.rollout(iteration, version, weights_box) if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
+        with counters.get("rollout", contextlib.nullcontext()):
+            if hybrid is not None and rank > 0:
+                hybrid.follow()
+            box = [coordinator.rollout(iteration, version, weights_box) if rank == 0 else None]
+        if world > 1:
+            dist.broadcast_object_list(box, src=0)
         batch = box[0]
         t_learn = time.perf_counter()
         try:
-            learn_stats = _all_mean(learn(engine, batch, cfg, rank, world, iteration), device)
+            with counters.get("learn", contextlib.nullcontext()):
+                stats = learn(engine, batch, cfg, rank, world, iteration, hybrid.take() if hybrid else None)
+            learn_stats = _all_mean(stats, device)
+            learn_stats.update(_all_max({"memory/learner_peak_gib": peak_memory_gib(device)}, device))
+            learn_stats.update(_all_sum({f"flops/{phase}": float(c.get_total_flops())
+                                         for phase, c in counters.items()}, device) if counters else {})
         except TrainingNonFinite as exc:
             _stop_on_non_finite(exc, engine, rank, iteration, version, coordinator, run_path, config["session"],
                                 cfg.keep_checkpoints)
@@ -460,7 +527,8 @@ def train_loop(config: dict) -> None:
         metrics = {"iteration": iteration + 1, "adapter_version": version, **learn_stats}
         if rank == 0:
             t_sync = time.perf_counter()
-            weights_box = [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
+            if hybrid is None:
+                weights_box = [ray.put(adapter_state(module.policy)), f"{session}:{version}"]
             metrics["time/export"] = time.perf_counter() - t_sync
             metrics.update(batch.stats)
             metrics["batch_ids"] = batch.ids

@@ -1,4 +1,5 @@
-"""Where the rollout actors go: beside the learners (colocated) or on GPUs of their own (disaggregated).
+"""Where the rollout actors go: beside the learners (colocated) or on GPUs of their own (disaggregated); with
+``hybrid`` there are none (the learner ranks sample, ``rl_seg.roles.hybrid``), so nothing is placed here.
 
 - ``colocated``: rollout actors ask for a fraction of a GPU (``rollout.num_gpus`` < 1) and share GPUs with the
   learner ranks; Ray places them. What one GPU can do (BENCHMARKS.md, "PPO throughput").

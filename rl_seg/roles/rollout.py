@@ -17,11 +17,12 @@ import ray
 import torch
 
 from ..console import announce
-from ..policy import MaskDistribution, load_policy
+from ..policy import load_policy
+from ..policy.distribution import sample_masks
 from ..policy.base import autocast_for
 from ..policy.lora import LoraSettings, attach_lora
 
-__all__ = ["RolloutWorker", "adapter_state", "load_adapter_state"]
+__all__ = ["RolloutWorker", "adapter_state", "load_adapter_state", "packed_sample", "peak_memory_gib"]
 
 
 def adapter_state(model) -> dict[str, np.ndarray]:
@@ -39,6 +40,16 @@ def load_adapter_state(model, state: dict[str, np.ndarray]) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter state has keys the rollout model lacks: {unexpected[:5]}")
+
+
+def packed_sample(state_id: str, masks: np.ndarray) -> dict:
+    """K x H x W boolean masks as they travel to the coordinator: bit-packed, with their shape."""
+    return {"id": state_id, "shape": masks.shape, "bits": np.packbits(masks.ravel())}
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """This process's peak of allocated GPU memory (``torch.cuda.max_memory_allocated``) in GiB; None on a CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
 @ray.remote
@@ -70,27 +81,30 @@ class RolloutWorker:
         self.version, self.weights_key = version, weights_box[1]
         return time.perf_counter() - start
 
-    def _logits(self, image: np.ndarray) -> torch.Tensor:
+    def _logits(self, image: np.ndarray, keep_frozen: bool = False) -> tuple[torch.Tensor, object]:
+        """Logits for one image, and (``keep_frozen``) the frozen towers' outputs they were computed from."""
+        inputs = self.model.preprocess([image])
         with torch.no_grad(), autocast_for(self.device):
-            return self.model(self.model.preprocess([image])).logits.float()
+            frozen = self.model.encode_frozen(inputs) if keep_frozen else None
+            return self.model(inputs, **({} if frozen is None else {"frozen": frozen})).logits.float(), frozen
 
     def sample(self, version: int, weights_box: list, states: list, k: int, temperature: float,
-               seeds: list[int]) -> dict:
-        """K masks per state (``states``: [(id, ref to (image, gt, fov))]); masks come back bit-packed."""
+               seeds: list[int], ship_frozen: bool = False) -> dict:
+        """K masks per state (``states``: [(id, ref to (image, gt, fov))]); masks come back bit-packed, and with
+        ``ship_frozen`` the frozen towers' outputs (on the CPU) for the learner to reuse."""
         sync_s = self._sync(version, weights_box)
         start = time.perf_counter()
         out = []
         for (state_id, box), seed in zip(states, seeds):
             image, _, fov = ray.get(box[0])
-            logits = self._logits(image)
-            valid = None if fov is None else torch.from_numpy(np.array(fov)).to(self.device)[None]
-            dist = MaskDistribution(logits.expand(k, -1, -1), temperature,
-                                    None if valid is None else valid.expand(k, -1, -1))
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            masks = dist.sample(gen).cpu().numpy()
-            out.append({"id": state_id, "shape": masks.shape, "bits": np.packbits(masks.ravel())})
+            valid = None if fov is None else torch.from_numpy(np.array(fov))
+            logits, frozen = self._logits(image, ship_frozen)
+            out.append(packed_sample(state_id, sample_masks(logits, k, temperature, seed, valid).cpu().numpy()))
+            if frozen is not None:
+                out[-1]["frozen"] = frozen.to("cpu")
         return {"version": self.version, "incarnation": self.incarnation, "sync_s": sync_s,
-                "sample_s": time.perf_counter() - start, "samples": out}
+                "sample_s": time.perf_counter() - start, "samples": out,
+                "peak_memory_gib": peak_memory_gib(self.device)}
 
     def predict(self, version: int, weights_box: list, states: list) -> dict:
         """Vessel probabilities (float16) for validation states, with the requested adapter version."""
@@ -98,5 +112,5 @@ class RolloutWorker:
         probs = {}
         for state_id, box in states:
             image, _, _ = ray.get(box[0])
-            probs[state_id] = torch.sigmoid(self._logits(image))[0].cpu().numpy().astype(np.float16)
+            probs[state_id] = torch.sigmoid(self._logits(image)[0])[0].cpu().numpy().astype(np.float16)
         return {"version": self.version, "incarnation": self.incarnation, "probs": probs}

@@ -45,8 +45,9 @@ from PIL import Image
 from ..base import REMOTE_CODE_FLAG, PolicyOutput, RemoteCodeError, SegPolicy
 from . import compat
 
-__all__ = ["Sa2VABase", "Sa2VAInputs", "DEFAULT_ANSWER", "ACTION_RESOLUTIONS", "binarize_like_predict_forward",
-           "upsample_like_predict_forward", "grounding_pixels", "resize_normalize", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Sa2VABase", "Sa2VAInputs", "FrozenFeatures", "DEFAULT_ANSWER", "ACTION_RESOLUTIONS",
+           "binarize_like_predict_forward", "upsample_like_predict_forward", "grounding_pixels", "resize_normalize",
+           "IMAGENET_MEAN", "IMAGENET_STD", "has_lora", "checkpoint_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,85 @@ class Sa2VAInputs:
                            None if any(g is None for g in grid) else torch.cat(grid))
 
 
+@dataclass
+class FrozenFeatures:
+    """What the towers without a LoRA layer make of one batch of ``Sa2VAInputs``, computed once
+    (``Sa2VABase.encode_frozen``) and handed back to ``forward(inputs, frozen=...)`` as often as the same images are
+    seen again with the same frozen weights: in the learner's PPO epochs and in the adapter-disabled reference pass.
+
+    ``image_tokens``: the InternVL vision side's output (``vision_model`` + ``mlp1``: tiles x tokens x D, image by
+    image, ``tiles[i]`` rows for image i); None where that tower carries LoRA or the family has no separate one.
+    ``grounding``: SAM2's backbone levels as ``forward_image`` leaves them (B x C x H x W each, the decoder's
+    stride-4/8 projections applied); None where a LoRA layer sits in SAM2's image encoder or those projections.
+    """
+
+    image_tokens: torch.Tensor | None
+    grounding: list[torch.Tensor] | None
+    tiles: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        if self.grounding is not None:
+            return int(self.grounding[0].shape[0])
+        return len(self.tiles)
+
+    def to(self, device) -> "FrozenFeatures":
+        return FrozenFeatures(None if self.image_tokens is None else self.image_tokens.to(device),
+                              None if self.grounding is None else [g.to(device) for g in self.grounding],
+                              list(self.tiles))
+
+    @staticmethod
+    def cat(items: Sequence["FrozenFeatures"]) -> "FrozenFeatures":
+        items = list(items)
+        tokens = [i.image_tokens for i in items]
+        grounding = [i.grounding for i in items]
+        return FrozenFeatures(None if any(t is None for t in tokens) else torch.cat(tokens),
+                              None if any(g is None for g in grounding)
+                              else [torch.cat(level) for level in zip(*grounding)],
+                              [t for i in items for t in i.tiles])
+
+    def nbytes(self) -> int:
+        tensors = ([self.image_tokens] if self.image_tokens is not None else []) + list(self.grounding or [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def has_lora(modules: Sequence[torch.nn.Module]) -> bool:
+    """Whether a LoRA layer (any peft tuner layer) sits in these modules or one of their parameters is trainable:
+    then their output depends on the adapter and cannot be computed once for the reference pass and every epoch."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for module in modules for m in module.modules()) or any(
+        p.requires_grad for module in modules for p in module.parameters())
+
+
+def checkpoint_layers(layers: Sequence[torch.nn.Module]) -> int:
+    """Activation checkpointing of each layer (torch.utils.checkpoint, non-reentrant): only the layer's inputs are
+    kept for backward and the layer is run again there. Why not transformers' ``gradient_checkpointing_enable``:
+    every implementation of it (transformers' layers, InternLM2's and InternViT's remote code) acts only when the
+    module is in training mode, and the PPO learner runs in eval mode so that dropout cannot make the ratio
+    pi/pi_old compare two different networks. Without gradients (rollouts, old and reference passes) the layer runs
+    as it is. Returns the number of layers wrapped (a layer wrapped before is left alone)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = 0
+    for layer in layers:
+        if getattr(layer, "_rl_seg_checkpointed", False):
+            continue
+        original = layer.forward
+
+        @functools.wraps(original)
+        def forward(*args, _original=original, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            return _original(*args, **kwargs)
+
+        layer.forward = forward
+        layer._rl_seg_checkpointed = True
+        wrapped += 1
+    return wrapped
+
+
 def _device_of(args, kwargs):
     for a in list(args) + [kwargs.get("device")]:
         if isinstance(a, (str, torch.device)):
@@ -165,7 +245,7 @@ class Sa2VABase(SegPolicy):
     architectures: ClassVar[tuple[str, ...]] = ()
     #: The LoRA preset ``policy.lora.targets=default`` resolves to.
     default_lora_preset: ClassVar[str] = "llm"
-    load_options = SegPolicy.load_options | {"dtype", "action_resolution", "skip_repairs"}
+    load_options = SegPolicy.load_options | {"dtype", "action_resolution", "skip_repairs", "attn_implementation"}
 
     def __init__(self, model: torch.nn.Module, source_dir: str | Path | None = None, answer: str = DEFAULT_ANSWER,
                  action_resolution: str = "image"):
@@ -200,9 +280,11 @@ class Sa2VABase(SegPolicy):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, trust_remote_code: bool = False,
                         action_resolution: str = "image", skip_repairs: tuple[str, ...] = (),
-                        **options) -> "Sa2VABase":
+                        attn_implementation: str | None = "sdpa", **options) -> "Sa2VABase":
         """Load a Hugging Face Sa2VA checkpoint folder with its own remote code (repaired for transformers 5 where
-        needed, see ``compat``), refusing what cannot work before any weight is read."""
+        needed, see ``compat``), refusing what cannot work before any weight is read. ``attn_implementation``
+        ("sdpa", "eager"; None: what the checkpoint's code chooses) applies to the language model where it allows
+        the choice (``use_attention``)."""
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -222,6 +304,8 @@ class Sa2VABase(SegPolicy):
         if skip_repairs:
             options["skip_repairs"] = tuple(skip_repairs)
         policy = cls.build(model, path, action_resolution=action_resolution, **options)
+        if attn_implementation is not None:
+            policy.use_attention(attn_implementation)
         if device is not None:
             policy.to(device)
         return policy.eval()
@@ -261,6 +345,77 @@ class Sa2VABase(SegPolicy):
     def save_text_side(self, path: Path) -> None:
         raise NotImplementedError
 
+    # --- towers: frozen-tower reuse, activation checkpointing, attention ------------------------------------
+    def tower_modules(self) -> dict[str, list[torch.nn.Module]]:
+        """The towers whose output ``encode_frozen`` can hand over, by name: here SAM2's image side (what
+        ``forward_image`` runs: the Hiera image encoder, and the decoder's stride-4/8 projections of its levels)."""
+        sam = self.model.grounding_encoder.sam2_model
+        modules = [sam.image_encoder]
+        if getattr(sam, "use_high_res_features_in_sam", False):
+            modules += [sam.sam_mask_decoder.conv_s0, sam.sam_mask_decoder.conv_s1]
+        return {"grounding": modules}
+
+    def frozen_towers(self) -> tuple[str, ...]:
+        """The towers no LoRA layer (and no trainable parameter) sits in, found from where the adapter's layers
+        actually are: their outputs are the same with the adapter on, off, and after every optimizer step."""
+        return tuple(name for name, modules in self.tower_modules().items() if not has_lora(modules))
+
+    def encode_frozen(self, inputs: "Sa2VAInputs") -> FrozenFeatures | None:
+        """The frozen towers' outputs for ``inputs`` (no gradient), for ``forward(inputs, frozen=...)``; None when
+        no tower is frozen. Call it in the autocast context the forwards run in: the features are what the forward
+        would compute there."""
+        towers = self.frozen_towers()
+        if not towers:
+            return None
+        with torch.no_grad():
+            tokens = self.encode_vision(inputs) if "vision" in towers else None
+            grounding = self.encode_grounding(inputs.grounding) if "grounding" in towers else None
+        return FrozenFeatures(tokens, grounding, list(inputs.tiles))
+
+    def encode_vision(self, inputs: "Sa2VAInputs") -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no separate vision tower")
+
+    def encode_grounding(self, grounding_pixels: torch.Tensor) -> list[torch.Tensor]:
+        """SAM2's backbone levels for B x 3 x S x S images (``forward_image``), in SAM2's precision region."""
+        with self._sam_region(grounding_pixels.device):
+            return list(self.model.grounding_encoder.sam2_model.forward_image(grounding_pixels)["backbone_fpn"])
+
+    def layer_stacks(self) -> dict[str, torch.nn.ModuleList]:
+        """The transformer layer stacks activation checkpointing applies to, by tower: ``llm`` always, the vision
+        tower's where LoRA is (elsewhere no gradient flows through it, so nothing is kept for backward anyway)."""
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self) -> list[str]:
+        """Checkpoint every layer of the language model, and of the vision tower when LoRA sits in it; returns the
+        stacks wrapped."""
+        done = []
+        for name, layers in self.layer_stacks().items():
+            if name != "llm" and not has_lora([layers]):
+                continue
+            checkpoint_layers(layers)
+            done.append(name)
+        return done
+
+    def llm_module(self) -> torch.nn.Module:
+        """The language model (transformers' or the checkpoint's own causal-LM class)."""
+        raise NotImplementedError
+
+    def use_attention(self, implementation: str) -> str:
+        """Switch the language model to ``implementation`` ("sdpa", "eager") where it allows the choice (transformers'
+        own Qwen2/Qwen2.5/Qwen3/Llama and Qwen-VL classes do; InternLM2's remote code has eager or flash-attn only,
+        and keeps what it has). Returns the implementation in use."""
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"policy.attn_implementation must be 'sdpa', 'eager' or null, got {implementation!r}")
+        lm = self.llm_module()
+        current = getattr(lm.config, "_attn_implementation", None)
+        settable = getattr(type(lm), "_can_set_attn_implementation", None)
+        if current != implementation and getattr(lm, "_supports_sdpa", False) and settable is not None \
+                and settable():
+            lm.set_attn_implementation(implementation)
+            current = lm.config._attn_implementation
+        log.debug("%s: language model attention %s", self.name_or_path, current)
+        return current
+
     # --- sizes ----------------------------------------------------------------------------------------------
     def output_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         return tuple(image_size) if self.action_resolution == "image" else self.native_grid
@@ -288,26 +443,36 @@ class Sa2VABase(SegPolicy):
         return Sa2VAInputs.cat(batch)
 
     # --- forward ----------------------------------------------------------------------------------------------
-    def seg_hidden_states(self, inputs: Sa2VAInputs, prompts: Sequence[str]) -> torch.Tensor:
-        """The language model's last hidden state at [SEG], B x D."""
+    def seg_hidden_states(self, inputs: Sa2VAInputs, prompts: Sequence[str],
+                          frozen: FrozenFeatures | None = None) -> torch.Tensor:
+        """The language model's last hidden state at [SEG], B x D (the vision side from ``frozen`` where given)."""
         raise NotImplementedError
 
-    def decode_masks(self, grounding_pixels: torch.Tensor, language_embd: torch.Tensor) -> torch.Tensor:
-        """SAM2's heads prompted by ``language_embd`` (B x N x C): low-resolution logits B x h x w (float32), the
-        steps of Sa2VA's ``add_language_embd`` -> ``_forward_sam_heads`` for one initial frame."""
-        low_precision = self.dtype in (torch.bfloat16, torch.float16)
-        # SAM2 mixes float32 (point coordinates, positional encodings) with the weights' dtype and relies on the
-        # autocast region Sa2VA always runs it in; an enclosing autocast (evaluation on CUDA) is left alone.
-        region = torch.autocast(device_type=grounding_pixels.device.type, dtype=self.dtype) if low_precision \
-            else contextlib.nullcontext()
-        with region:
-            return self._sam_heads(grounding_pixels, language_embd)
+    def _sam_region(self, device: torch.device):
+        """SAM2 mixes float32 (point coordinates, positional encodings) with the weights' dtype and relies on the
+        autocast region Sa2VA always runs it in; an enclosing autocast (evaluation on CUDA) is left alone."""
+        if self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(device_type=device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
 
-    def _sam_heads(self, grounding_pixels: torch.Tensor, language_embd: torch.Tensor) -> torch.Tensor:
+    def decode_masks(self, grounding_pixels: torch.Tensor, language_embd: torch.Tensor,
+                     grounding_features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """SAM2's heads prompted by ``language_embd`` (B x N x C): low-resolution logits B x h x w (float32), the
+        steps of Sa2VA's ``add_language_embd`` -> ``_forward_sam_heads`` for one initial frame. The image side is
+        ``grounding_features`` when given (``encode_grounding``), else computed from ``grounding_pixels``."""
+        with self._sam_region(grounding_pixels.device):
+            if grounding_features is None:
+                grounding_features = list(
+                    self.model.grounding_encoder.sam2_model.forward_image(grounding_pixels)["backbone_fpn"])
+            return self._sam_heads(grounding_features, language_embd)
+
+    def _sam_heads(self, backbone_fpn: list[torch.Tensor], language_embd: torch.Tensor) -> torch.Tensor:
         sam = self.model.grounding_encoder.sam2_model
-        feats = sam.forward_image(grounding_pixels)
-        _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(feats)
-        b, c = grounding_pixels.shape[0], int(sam.hidden_dim)
+        # _prepare_backbone_features' flattening of the levels the decoder reads (their positions are not used)
+        levels = backbone_fpn[-sam.num_feature_levels:]
+        vision_feats = [x.flatten(2).permute(2, 0, 1) for x in levels]
+        feat_sizes = [(x.shape[-2], x.shape[-1]) for x in levels]
+        b, c = levels[-1].shape[0], int(sam.hidden_dim)
         h, w = feat_sizes[-1]
         pix = (vision_feats[-1] + sam.no_mem_embed).permute(1, 2, 0).reshape(b, c, h, w)
         high_res = [x.permute(1, 2, 0).reshape(b, x.size(2), *s) for x, s in zip(vision_feats[:-1], feat_sizes[:-1])]
@@ -335,7 +500,10 @@ class Sa2VABase(SegPolicy):
                              f" (learner.micro_batch_images=1, or data.image_size to resize them)")
         return upsample_like_predict_forward(low_res, self.grounding_size, sizes.pop())
 
-    def forward(self, inputs: Sa2VAInputs, prompts: Sequence[str] | None = None) -> PolicyOutput:
+    def forward(self, inputs: Sa2VAInputs, prompts: Sequence[str] | None = None,
+                frozen: FrozenFeatures | None = None) -> PolicyOutput:
+        """Logits (and the [SEG] state) for ``inputs``; ``frozen``: ``encode_frozen(inputs)`` from earlier, whose
+        towers are then not run again (the result is the same, bit for bit)."""
         from ..base import DEFAULT_PROMPT
 
         if not isinstance(inputs, Sa2VAInputs):
@@ -343,9 +511,11 @@ class Sa2VABase(SegPolicy):
         prompts = list(prompts) if prompts is not None else [DEFAULT_PROMPT] * len(inputs)
         if len(prompts) != len(inputs):
             raise ValueError(f"{len(prompts)} prompts for {len(inputs)} images")
-        seg_hidden = self.seg_hidden_states(inputs, prompts)
+        if frozen is not None and len(frozen) != len(inputs):
+            raise ValueError(f"frozen features of {len(frozen)} images for {len(inputs)} images")
+        seg_hidden = self.seg_hidden_states(inputs, prompts, frozen)
         language_embd = self.model.text_hidden_fcs(seg_hidden)[:, None]
-        low = self.decode_masks(inputs.grounding, language_embd)
+        low = self.decode_masks(inputs.grounding, language_embd, frozen.grounding if frozen is not None else None)
         return PolicyOutput(logits=self.to_action_grid(low, inputs.image_sizes), seg_hidden=seg_hidden)
 
 

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from ..base import DEFAULT_PROMPT, register_policy
-from .core import DEFAULT_ANSWER, Sa2VABase, Sa2VAInputs, resize_normalize
+from .core import DEFAULT_ANSWER, FrozenFeatures, Sa2VABase, Sa2VAInputs, resize_normalize
 
 __all__ = ["Sa2VAPolicy", "LORA_TARGET_PRESETS", "detect_llm_family", "tile_grid", "split_into_tiles"]
 
@@ -187,6 +187,20 @@ class Sa2VAPolicy(Sa2VABase):
         """Image tokens per tile."""
         return int(self.model.num_image_token)
 
+    # --- towers -------------------------------------------------------------------------------------------------
+    def tower_modules(self) -> dict[str, list[torch.nn.Module]]:
+        """SAM2's image side and the vision side: InternViT and ``mlp1`` (together ``extract_feature``)."""
+        return {"vision": [self.model.vision_model, self.model.mlp1], **super().tower_modules()}
+
+    def encode_vision(self, inputs: Sa2VAInputs) -> torch.Tensor:
+        return self.model.extract_feature(inputs.vision)
+
+    def layer_stacks(self) -> dict[str, torch.nn.ModuleList]:
+        return {"llm": self.model.language_model.model.layers, "vision": self.model.vision_model.encoder.layers}
+
+    def llm_module(self) -> torch.nn.Module:
+        return self.model.language_model
+
     # --- inputs -------------------------------------------------------------------------------------------------
     def preprocess_vision(self, images: list[np.ndarray]):
         per_image = [split_into_tiles(im, self.max_tiles, self.vision_size) for im in images]
@@ -241,9 +255,12 @@ class Sa2VAPolicy(Sa2VABase):
                  return_dict=True)
         return out.hidden_states[-1]
 
-    def seg_hidden_states(self, inputs: Sa2VAInputs, prompts: Sequence[str]) -> torch.Tensor:
+    def seg_hidden_states(self, inputs: Sa2VAInputs, prompts: Sequence[str],
+                          frozen: FrozenFeatures | None = None) -> torch.Tensor:
         ids, attn = self.prompt_ids(prompts, inputs.tiles or None)
-        image_tokens = self.model.extract_feature(inputs.vision)  # tiles x num_image_token x D, image by image
+        # tiles x num_image_token x D, image by image
+        image_tokens = frozen.image_tokens if frozen is not None and frozen.image_tokens is not None \
+            else self.encode_vision(inputs)
         embeds = self.model.language_model.get_input_embeddings()(ids)
         slots = ids == self.img_context_token_id
         embeds = embeds.masked_scatter(slots[..., None], image_tokens.to(embeds.dtype))

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..base import DEFAULT_PROMPT, register_policy
-from .core import DEFAULT_ANSWER, Sa2VABase, Sa2VAInputs
+from .core import DEFAULT_ANSWER, FrozenFeatures, Sa2VABase, Sa2VAInputs
 from .internvl import SAM2_DECODER
 
 __all__ = ["Sa2VAQwenPolicy", "QWEN_VL_LORA_PRESETS"]
@@ -108,8 +108,19 @@ class Sa2VAQwenPolicy(Sa2VABase):
         encoded = self._encode(images, [DEFAULT_PROMPT] * len(images))
         return encoded["pixel_values"], [], encoded["image_grid_thw"]
 
+    # --- towers -----------------------------------------------------------------------------------------------
+    # The vision tower runs inside the Qwen-VL model's own forward (its outputs are scattered into the token
+    # embeddings there, positions computed from the same call): only SAM2's image side is handed over.
+    def layer_stacks(self) -> dict[str, torch.nn.ModuleList]:
+        vl = self.model.model.model
+        return {"llm": vl.language_model.layers, "vision": vl.visual.blocks}
+
+    def llm_module(self) -> torch.nn.Module:
+        return self.model.model
+
     # --- forward ----------------------------------------------------------------------------------------------
-    def seg_hidden_states(self, inputs: Sa2VAInputs, prompts: Sequence[str]) -> torch.Tensor:
+    def seg_hidden_states(self, inputs: Sa2VAInputs, prompts: Sequence[str],
+                          frozen: FrozenFeatures | None = None) -> torch.Tensor:
         ids, attn = self._prompt_ids(inputs, prompts)
         vl_model = self.model.model.model  # wrapper -> ...ForConditionalGeneration -> the VL model (no LM head)
         extra = {}
