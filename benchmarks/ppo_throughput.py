@@ -32,6 +32,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -281,12 +282,16 @@ def single_process_group(device: torch.device):
     os.environ.update(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1)
+    # A file store, not tcp://: torch's TCP store listens on every interface (and outlives the group), and one
+    # process has no one to rendezvous with.
+    store_dir = tempfile.mkdtemp(prefix="rl-seg-store-")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            store=dist.FileStore(os.path.join(store_dir, "store"), 1), rank=0, world_size=1)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        shutil.rmtree(store_dir, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -308,14 +308,6 @@ def start_ray(num_cpus: int, num_gpus: int) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def prebuild_deepspeed_ops(work: Path) -> subprocess.Popen | None:
-    """DeepSpeed compiles its fused Adam on first use (~45 s on the H100 host): once, while the first checkpoint is
-    built, instead of inside the first job."""
-    code = "from deepspeed.ops.op_builder import FusedAdamBuilder as B; B().load(verbose=False)"
-    return subprocess.Popen([sys.executable, "-c", code], stdout=(work / "fused_adam.log").open("w"),
-                            stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-
-
 def save(results: dict, out: Path, work: Path, elapsed: float) -> None:
     """results.json, results.md and runs.tar.gz as they stand (each written to a temporary name, then renamed: a
     kill in the middle leaves the previous complete file)."""
@@ -368,12 +360,10 @@ def orchestrate(args) -> int:
                                "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout.strip()
         parts = [p.strip() for p in info.split(",")]
         gpu_name, gpu_gib = parts[0], float(parts[1]) / 1024
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", parts[2])  # DeepSpeed cannot parse the names it derives
     log(f"sa2va_scale: {'dry run (CPU, tiny replica)' if dry else gpu_name}; deadline in {clock.left():.0f} s; "
         f"test stubs for {stubbed or 'nothing'}; tasks {args.tasks}")
     sampler = pt.GpuSampler(gpu)
     ray_box: dict = {}
-    fused = prebuild_deepspeed_ops(work) if gpu else None
     iterations = args.warmup + args.timed
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
@@ -426,9 +416,6 @@ def orchestrate(args) -> int:
                 log(f"{task}: built in {entry.get('build', {}).get('seconds', 0):.0f} s; one process "
                     f"{ip.get('masks_per_s', 0) / (8 if not dry else 2):.2f} images/s" if ip else f"{task}: ready")
             gpu_name = gpu_name or entry.get("gpu_name")
-            if fused is not None:
-                fused.wait()
-                fused = None
             if "address" not in ray_box:
                 log(f"Ray did not start: {ray_box.get('error')}")
                 break
@@ -462,8 +449,6 @@ def orchestrate(args) -> int:
             if shape not in {TASKS[t][0] for t in tasks[n + 1:]}:
                 shutil.rmtree(ckpt, ignore_errors=True)  # the disk holds one or two real-shape folders at a time
     finally:
-        if fused is not None and fused.poll() is None:
-            os.killpg(fused.pid, signal.SIGTERM)
         for proc in list(RUNNING):
             stop_group(proc)
         sampler.stop()

@@ -23,9 +23,12 @@ fi
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # (the dry run has no CUDA device: the script says so and exits 2, which proves only that it starts)
-timeout -k 5 "${ACTION_MEMORY_S:-40}" "$PYTHON" benchmarks/sa2va_action_memory.py --out "$OUT/action_memory.json" \
-  > "$OUT/action_memory.txt" 2>&1
-echo "exit $? after $(awk "BEGIN {print int($(date +%s.%N) - $STARTED)}") s" >> "$OUT/action_memory.txt"
+# ACTION_MEMORY_S=0 skips it (a second call that only needs the scale rows).
+if [ "${ACTION_MEMORY_S:-40}" != 0 ]; then
+  timeout -k 5 "${ACTION_MEMORY_S:-40}" "$PYTHON" benchmarks/sa2va_action_memory.py --out "$OUT/action_memory.json" \
+    > "$OUT/action_memory.txt" 2>&1
+  echo "exit $? after $(awk "BEGIN {print int($(date +%s.%N) - $STARTED)}") s" >> "$OUT/action_memory.txt"
+fi
 args=(--out "$OUT" --work "$WORK" --started "$STARTED" --deadline-s "${DEADLINE:-540}")
 [ -n "${TASKS:-}" ] && args+=(--tasks "$TASKS")
 [ "$DRY" = 1 ] && args+=(--dry-run)

@@ -1,7 +1,7 @@
 """Build DeepSpeed's just-in-time C++ ops once, at install time, instead of inside the first test or run.
 
-On CPU, DeepSpeed compiles its shared-memory communication op and its fused Adam the first time an engine
-starts (about a minute on two cores). ``make install`` runs this module so that cost is paid once per
+On CPU, DeepSpeed compiles its shared-memory communication op the first time an engine starts (about a minute
+on two cores; the learner's optimizer is torch's AdamW, which needs no build). ``make install`` runs this module so that cost is paid once per
 environment. On a GPU host the CUDA ops are built by DeepSpeed itself when first used; nothing is done here.
 """
 
@@ -18,7 +18,7 @@ def build_cpu_ops() -> list[str]:
     if accelerator.device_name() != "cpu":
         return []
     built = []
-    for name in ("ShareMemCommBuilder", "FusedAdamBuilder"):
+    for name in ("ShareMemCommBuilder",):
         builder = accelerator.create_op_builder(name)
         if builder is None or not builder.is_compatible(verbose=False):
             continue

@@ -124,12 +124,20 @@ class Service:
 
 def listening(pids) -> set[str]:
     """The addresses the given processes accept connections on."""
+    return set(listeners(pids))
+
+
+def listeners(pids) -> dict[str, list[str]]:
+    """Address -> the processes listening on it ("pid name port"), to name the culprit when one is not loopback."""
     import psutil
 
-    found = set()
+    found: dict[str, list[str]] = {}
     for pid in pids:
         try:
-            found |= {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == "LISTEN"}
+            process = psutil.Process(pid)
+            for c in process.net_connections(kind="inet"):
+                if c.status == "LISTEN":
+                    found.setdefault(c.laddr.ip, []).append(f"{pid} {process.name()} :{c.laddr.port}")
         except psutil.Error:
             continue
     return found

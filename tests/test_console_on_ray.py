@@ -79,10 +79,11 @@ def test_console_shows_progress_once_and_an_actor_error_once_with_its_role(tmp_p
         assert sum(line.startswith(f"[iter {i}/{ITERATIONS}] reward") for line in lines) == 1, out
     assert sum(line.startswith(f"[iter 2/{ITERATIONS}] validation") for line in lines) == 1, out
 
-    errors = [line for line in lines if "error in" in line]
-    assert len(errors) == 1, out
-    assert errors[0].startswith("rl-seg train: error in learner-0: RuntimeError: rollout worker"), out
-    assert "dead for good" in errors[0]
+    # The killed worker's role, once: the outcome names the spent budget and how to resume.
+    errors = [line for line in lines if "restart budget exhausted" in line]
+    assert errors == ["  restart budget exhausted: rollout worker 0 died more often than rollout.max_restarts=0 "
+                      "allows"], out
+    assert sum(line.startswith("  resume: rl-seg train --resume") for line in lines) == 1, out
     assert len(lines) <= 2 * len(done) + 12, out  # nothing else of any length
 
     logs = run / "logs"
@@ -91,9 +92,9 @@ def test_console_shows_progress_once_and_an_actor_error_once_with_its_role(tmp_p
     learner = (logs / "learner-0.log").read_text()
     assert "Reporting training result" in learner  # Ray Train's own lines from the worker
     assert f"[iter {done[0]}/{ITERATIONS}] reward" in learner  # the role's log keeps its console lines too
-    assert "dead for good" in learner  # the worker's traceback
+    assert "died more often than rollout.max_restarts=0" in learner  # the worker's traceback
     driver = (logs / "driver.log").read_text()
-    assert "Traceback" in driver and "the job failed: error in learner-0: RuntimeError: rollout worker" in driver
+    assert "Traceback" in driver and "restart budget exhausted: rollout worker 0" in driver
     assert any(p.name.startswith("ray-TrainController") for p in logs.iterdir())
 
 

@@ -126,13 +126,13 @@ def test_a_local_instance_registers_and_listens_on_loopback_only(ray_local):
     must register 127.0.0.1 and listen nowhere else (its GCS, raylet, dashboard, agents and workers)."""
     import psutil
 
-    from test_cluster_local_on_ray import LOOPBACK, listening
+    from test_cluster_local_on_ray import LOOPBACK, listeners
 
     assert ray_local.get(ray_local.remote(lambda: 1).remote()) == 1  # a worker process of its own too
     assert [n["NodeManagerAddress"] for n in ray_local.nodes()] == ["127.0.0.1"]
     me = psutil.Process()
-    addresses = listening([me.pid] + [child.pid for child in me.children(recursive=True)])
-    assert addresses and addresses <= LOOPBACK, addresses
+    found = listeners([me.pid] + [child.pid for child in me.children(recursive=True)])
+    assert found and set(found) <= LOOPBACK, found
 
 
 def _kill_when(run_path, iteration, find_pid, sig=signal.SIGKILL, timeout=240):

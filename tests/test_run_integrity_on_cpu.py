@@ -40,6 +40,21 @@ from mounts import fill, tmpfs
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def ray_starts(monkeypatch):
+    """Calls of ray.init made by the code under test. The suite's other modules may hold a Ray instance in this
+    process, so "Ray was not started" is asked of ray.init itself, which refuses here."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise RuntimeError("test: Ray must not start before validation has refused the run")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    return calls
+
+
+
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory):
     torch.manual_seed(0)
@@ -83,7 +98,7 @@ def test_a_second_driver_is_refused_naming_the_holder_and_a_dead_holder_leaves_a
     assert RunLock(run).acquire() is None  # released cleanly: nothing stale
 
 
-def test_a_run_folder_left_by_a_killed_driver_is_taken_over_only_by_a_resume(tmp_path, tiny_policy, capsys):
+def test_a_run_folder_left_by_a_killed_driver_is_taken_over_only_by_a_resume(tmp_path, tiny_policy, capsys, ray_starts):
     run = tmp_path / "r"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -95,7 +110,7 @@ def test_a_run_folder_left_by_a_killed_driver_is_taken_over_only_by_a_resume(tmp
     err = capsys.readouterr().err
     assert f"left by pid {holder.pid}" in err and "rl-seg train --resume" in err
     assert not (run / "config.yaml").exists()  # refused before anything was written
-    assert not ray.is_initialized()
+    assert not ray_starts
     # with resume it is taken over: no checkpoint, so the run starts again from iteration 0
     (run / "metrics.jsonl").write_text('{"iteration": 1}\n')
     session = RunSession(load_config(TrainConfig, None, train_args(tmp_path, tiny_policy)[1:] + ["resume=true"]))
@@ -126,17 +141,17 @@ def test_a_run_folder_left_by_a_killed_driver_is_taken_over_only_by_a_resume(tmp
     ("data.val_split=nope", "data.val_split: dataset 'drive-sample' has no split 'nope'"),
     ("name=../escape", "name: must be one folder name"),
 ])
-def test_bad_values_are_refused_before_ray_and_before_any_file(tmp_path, tiny_policy, capsys, override, line):
+def test_bad_values_are_refused_before_ray_and_before_any_file(tmp_path, tiny_policy, capsys, override, line, ray_starts):
     assert main(train_args(tmp_path / "runs", tiny_policy, "r", override)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("rl-seg train: error: " + line), err
     for problem in [err[0].removeprefix("rl-seg train: error: "), *err[1:]]:  # one line per problem, each naming
         assert re.fullmatch(r"[\w.\[\]]+: .+ \(got .+\)", problem), err  # its field: problem (got value)
     assert len(err) == (2 if "val_split" in override else 1)  # both sample datasets lack that split
-    assert not (tmp_path / "runs").exists() and not ray.is_initialized()
+    assert not (tmp_path / "runs").exists() and not ray_starts
 
 
-def test_bad_data_files_leave_no_half_made_run_folder(tmp_path, tiny_policy, capsys):
+def test_bad_data_files_leave_no_half_made_run_folder(tmp_path, tiny_policy, capsys, ray_starts):
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
@@ -144,10 +159,10 @@ def test_bad_data_files_leave_no_half_made_run_folder(tmp_path, tiny_policy, cap
     (data / "masks" / "a.png").write_bytes(b"not a png")
     assert main(train_args(tmp_path / "runs", tiny_policy, "r", f"data.datasets=[{data}]")) == 2
     assert "a.png" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists() and not ray.is_initialized()
+    assert not (tmp_path / "runs").exists() and not ray_starts
 
 
-def test_tune_validates_its_base_config_and_its_space_before_anything(tmp_path, capsys):
+def test_tune_validates_its_base_config_and_its_space_before_anything(tmp_path, capsys, ray_starts):
     sweep = tmp_path / "sweeps"
     assert main(["tune", f"out_dir={sweep}", "train_overrides=[rollout.num_workers=0]"]) == 2
     assert capsys.readouterr().err.strip() == "rl-seg tune: error: rollout.num_workers: must be >= 1 (got 0)"
@@ -155,12 +170,12 @@ def test_tune_validates_its_base_config_and_its_space_before_anything(tmp_path, 
     assert main(["tune", "--config", str(REPO / "tune" / "configs" / "smoke.yaml"), f"out_dir={sweep}",
                  f"space={space}"]) == 2
     assert capsys.readouterr().err.strip() == "rl-seg tune: error: space.ppo.lr.low: ppo.lr: must be > 0 (got -1.0)"
-    assert not sweep.exists() and not ray.is_initialized()
+    assert not sweep.exists() and not ray_starts
 
 
 # --- resume keeps the saved config -------------------------------------------------------------------------
 
-def test_resume_uses_the_saved_config_and_lists_what_the_command_line_changed(tmp_path, tiny_policy, capsys):
+def test_resume_uses_the_saved_config_and_lists_what_the_command_line_changed(tmp_path, tiny_policy, capsys, ray_starts):
     saved = load_config(TrainConfig, None, train_args(tmp_path, tiny_policy, "r", "iterations=40")[1:])
     save_config(saved, saved.run_path / "config.yaml")
     quickstart = REPO / "rl_seg" / "configs" / "quickstart.yaml"  # says iterations: 24
@@ -173,7 +188,7 @@ def test_resume_uses_the_saved_config_and_lists_what_the_command_line_changed(tm
         resume_changes(resume_config(None, [f"run_dir={tmp_path}", "name=r", "ppo.lr=3e-3"]))
     assert main(["train", "--resume", f"run_dir={tmp_path}", "name=r", "ppo.epochs=5"]) == 2
     assert "ppo.epochs: a resumed run keeps its saved value 2" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert not ray_starts
 
 
 # --- metrics once per iteration ----------------------------------------------------------------------------
@@ -289,12 +304,12 @@ def test_state_files_on_a_full_disk(tmp_path, tiny_policy):
         assert not [p for p in (disk / "r").rglob("*.tmp")]
 
 
-def test_a_read_only_run_dir_is_one_line_naming_it(tmp_path, tiny_policy, capsys):
+def test_a_read_only_run_dir_is_one_line_naming_it(tmp_path, tiny_policy, capsys, ray_starts):
     with tmpfs(tmp_path / "ro", read_only=True) as disk:
         assert main(train_args(disk / "runs", tiny_policy)) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"rl-seg train: error: run_dir: {disk} is on a read-only file system (got '{disk / 'runs'}')"
-        assert not ray.is_initialized()
+        assert not ray_starts
 
 
 # --- remote code -------------------------------------------------------------------------------------------

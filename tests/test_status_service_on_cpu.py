@@ -270,13 +270,14 @@ def test_bad_run_entries_are_listed_with_their_problem_and_links_out_of_the_root
 
 
 def test_the_token_is_checked_before_the_body_is_read_and_bodies_are_capped(server):
-    # 300 MB announced, 1 MB sent: without the token the answer comes before the rest is read
+    # 300 MB announced, 64 KiB sent (what loopback buffers hold, so the send cannot hit the answer's close): without
+    # the token the answer comes before the rest is read
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     conn.putrequest("POST", "/runs")
     conn.putheader("Content-Type", "application/json")
     conn.putheader("Content-Length", str(300 << 20))
     conn.endheaders()
-    conn.send(b" " * (1 << 20))
+    conn.send(b" " * (64 << 10))
     response = conn.getresponse()
     assert response.status == 401 and b"missing bearer token" in response.read()
     conn.close()
@@ -333,3 +334,33 @@ def test_an_interrupted_run_shows_how_to_resume_and_cannot_be_stopped(roots, ser
     assert cut["resume_command"].startswith("rl-seg train --resume")
     stop = requests.post(server.url + "/runs/cut/stop", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert stop.status_code == 409 and "interrupted" in stop.json()["detail"]
+
+
+def test_a_submission_waits_for_the_job_agent_and_passes_other_refusals_on():
+    """Right after `ray start` Ray's job API answers "No available agent" until the head's agent registers: the
+    submission asks again (bounded), while any other refusal reaches the caller at once, as Ray worded it."""
+    from rl_seg.service.jobs import submit_when_an_agent_is_up
+
+    class JobApi:  # answers as Ray's JobSubmissionClient does, from a script of outcomes
+        def __init__(self, outcomes):
+            self.outcomes, self.calls = list(outcomes), []
+
+        def submit_job(self, **job):
+            self.calls.append(job)
+            outcome = self.outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+    no_agent = RuntimeError("Request failed with status code 500: No available agent to submit job, please try "
+                            "again later..")
+    api = JobApi([no_agent, no_agent, "rl-seg-x"])
+    assert submit_when_an_agent_is_up(api, wait_s=30, submission_id="rl-seg-x") == "rl-seg-x"
+    assert [c["submission_id"] for c in api.calls] == ["rl-seg-x"] * 3
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit_when_an_agent_is_up(JobApi([no_agent] * 5), wait_s=0.5, submission_id="y")
+    other = JobApi([RuntimeError("Request failed with status code 400: Job with submission_id y already exists"),
+                    "never asked"])
+    with pytest.raises(RuntimeError, match="already exists"):
+        submit_when_an_agent_is_up(other, wait_s=30, submission_id="y")
+    assert len(other.calls) == 1

@@ -85,8 +85,11 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": cfg.learner.micro_batch_images,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": cfg.ppo.max_grad_norm,
+        # torch's AdamW (torch_adam) rather than DeepSpeed's fused Adam: LoRA parameters are a few million, where
+        # the fused kernel saves nothing, and it is compiled just in time on each fresh host (about a minute;
+        # on an H200 host it did not build at all: DeepSpeed 0.19.8 cannot parse the "9.0a" arch it derives).
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.ppo.lr, "weight_decay": cfg.ppo.weight_decay,
-                                                   "betas": [0.9, 0.999], "eps": 1e-8}},
+                                                   "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(cfg.optimizer_steps, cfg.ppo.warmup_steps + 1),
             "warmup_num_steps": cfg.ppo.warmup_steps, "warmup_type": "linear"}}

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..ray_env import ensure_token_auth
 from ..run_files import SUBMISSION_ENV
 
-__all__ = ["job_client", "submit_training", "list_rl_seg_jobs", "dashboard_url", "DEFAULT_DASHBOARD",
+__all__ = ["job_client", "submit_training", "submit_when_an_agent_is_up", "list_rl_seg_jobs", "dashboard_url", "DEFAULT_DASHBOARD",
            "WORKING_DIR_EXCLUDES"]
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -56,8 +56,27 @@ def submit_training(client, config_path: Path, *, run_dir: Path, name: str, over
     runtime_env: dict = {"env_vars": {SUBMISSION_ENV: submission_id, "RAY_AUTH_MODE": "token", **(env or {})}}
     if working_dir is not None:
         runtime_env.update(working_dir=str(working_dir), excludes=WORKING_DIR_EXCLUDES)
-    return client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
-                             metadata={"rl_seg_run": name, "rl_seg_run_dir": str(run_dir)})
+    return submit_when_an_agent_is_up(client, entrypoint=entrypoint, submission_id=submission_id,
+                                      runtime_env=runtime_env,
+                                      metadata={"rl_seg_run": name, "rl_seg_run_dir": str(run_dir)})
+
+
+#: How long a submission waits for the head's job agent. Right after `ray start` (or on a loaded head) the job
+#: API answers 500 "No available agent to submit job, please try again later" until the agent registers.
+AGENT_WAIT_S = 60.0
+
+
+def submit_when_an_agent_is_up(client, wait_s: float = AGENT_WAIT_S, **job) -> str:
+    """``client.submit_job(**job)``, asked again while Ray says no job agent is available yet; any other refusal,
+    or the agent still missing after ``wait_s``, is raised as Ray gave it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent to submit job" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def list_rl_seg_jobs(client) -> dict[str, dict]:
