@@ -16,7 +16,7 @@ pytestmark = pytest.mark.ray
 def test_disaggregated_needs_whole_gpus():
     with pytest.raises(ConfigError, match=r"rollout.num_gpus \(0.25\) must be a whole number"):
         load_config(TrainConfig, None, ["placement=disaggregated", "rollout.num_gpus=0.25"])
-    with pytest.raises(ConfigError, match=r"^placement: not one of \['colocated', 'disaggregated'\] \(got 'spread'\)$"):
+    with pytest.raises(ConfigError, match=r"^placement: not one of \['colocated', 'disaggregated', 'hybrid'\] \(got 'spread'\)$"):
         load_config(TrainConfig, None, ["placement=spread"])
 
 
