@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .guards import NonFiniteError
 from .data import DataError
 from .merge import MergeError
 from .run_lock import RunFolderError
@@ -412,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli_logging(args.verbose)
     try:
         return args.func(args)
-    except (DataError, ConfigError, MergeError, FileNotFoundError, FileExistsError, RunFolderError, DiskFull) as exc:
+    except (DataError, ConfigError, MergeError, FileNotFoundError, FileExistsError, RunFolderError, DiskFull,
+            NonFiniteError) as exc:
         print(f"rl-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before a run took its folder: nothing to record

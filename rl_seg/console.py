@@ -347,16 +347,33 @@ def _task_role(error) -> str:
     return match.group(1) if match else "a Ray task"
 
 
+#: The last line of a Python traceback: the exception's (qualified) type and its message.
+_RAISED = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Exhausted|NonFinite)\w*): (.+)$")
+
+
+def _creation_failure(text: str, roles: list[str]) -> str:
+    """An actor whose __init__ raised: Ray keeps only the text (``ActorDiedError`` holds no cause object), so the
+    role comes from the actor's repr and the error from the traceback's last line."""
+    role = re.search(r"repr=([\w.-]+)\)", text)
+    roles = [*roles, role.group(1) if role else "an actor's creation"]
+    raised = [m for m in map(_RAISED.match, (line.strip() for line in text.splitlines())) if m]
+    message = f"{raised[-1].group(1)}: {raised[-1].group(2)}" if raised else text.splitlines()[0]
+    via = f" (reported by {' <- '.join(reversed(roles[:-1]))})" if len(roles) > 1 else ""
+    return f"error in {roles[-1]}{via}: {message}"
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for the console: the role that raised ``exc`` (a learner rank, a rollout or reward actor, Ray
     Train's controller), the roles it passed through, and the innermost error's type and first line."""
     if "ray" not in sys.modules:  # nothing of Ray's ran here (`rl-seg sft`)
         return f"error in driver: {type(exc).__name__}: {exc}".splitlines()[0]
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import ActorDiedError, RayTaskError
     from ray.train import ControllerError, WorkerGroupError
 
     roles = []
     for _ in range(32):  # a chain, not a cycle; bounded all the same
+        if isinstance(exc, ActorDiedError) and exc.actor_init_failed:
+            return _creation_failure(str(exc), roles)
         if isinstance(exc, WorkerGroupError) and exc.worker_failures:
             rank = min(exc.worker_failures)
             roles.append(f"learner-{rank}")

@@ -119,3 +119,27 @@ def test_an_actor_error_is_named_by_the_actor_and_the_learner_that_reported_it(r
     group = WorkerGroupError("rank 1 failed", {1: caught.value})
     assert describe_error(group) == "error in rollout-7 (reported by learner-1): ValueError: bad pixel"
     assert describe_error(RuntimeError("in the driver")) == "error in driver: RuntimeError: in the driver"
+
+
+def test_an_actor_that_fails_to_start_is_named_with_its_own_error(ray_local):
+    """An actor whose __init__ raises (a damaged checkpoint refused at load): Ray keeps only text, an
+    ActorDiedError; the console line still names the role and the original error (here "non-finite")."""
+    from rl_seg.console import describe_error
+    from rl_seg.guards import NonFiniteError
+
+    @ray_local.remote(max_restarts=0)
+    class Role:
+        def __init__(self):
+            raise NonFiniteError("/ckpt: 1 weight tensor(s) hold non-finite values (NaN or inf)")
+
+        def __repr__(self):
+            return "rollout-3"
+
+        def ready(self):
+            return True
+
+    actor = Role.remote()
+    with pytest.raises(ray_local.exceptions.ActorDiedError) as caught:
+        ray_local.get(actor.ready.remote())
+    assert describe_error(caught.value) == (
+        "error in rollout-3: NonFiniteError: /ckpt: 1 weight tensor(s) hold non-finite values (NaN or inf)")
