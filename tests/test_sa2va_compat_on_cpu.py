@@ -184,7 +184,10 @@ def test_a_nan_weight_is_refused(folders, tmp_path):
     result = subprocess.run([sys.executable, "-m", "rl_seg.cli", "eval", "--policy", str(path),
                              "--trust-remote-code", "--data", "drive-sample", "--split", "test"],
                             capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0 and "non-finite" in result.stderr + result.stdout
+    assert result.returncode == 2, result.stderr[-2000:]  # a refusal, one line, no traceback
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rl-seg eval: error: {path}: ") and "non-finite" in last, last
 
 
 def test_loaded_policy_passes_the_canary_and_keeps_numbers(folders):
