@@ -327,13 +327,20 @@ def test_an_interrupted_run_shows_how_to_resume_and_cannot_be_stopped(roots, ser
     path = make_run(runs, "cut", "running")
     state = json.loads((path / "run_state.json").read_text())
     write_json_atomic(path / "run_state.json", {**state, "state": "interrupted", "reason": "SIGINT received",
-                                                "last_checkpoint": {"iteration": 2, "path": "x"},
+                                                "last_checkpoint": {"iteration": 3, "path": "x"},
                                                 "resume_command": "rl-seg train --resume run_dir=/r name=cut"})
     cut = get(server, "/runs/cut").json()
-    assert cut["state"] == "interrupted" and cut["last_checkpoint"] == 2 and cut["reason"] == "SIGINT received"
+    assert cut["state"] == "interrupted" and cut["last_checkpoint"] == 3 and cut["reason"] == "SIGINT received"
     assert cut["resume_command"].startswith("rl-seg train --resume")
     stop = requests.post(server.url + "/runs/cut/stop", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert stop.status_code == 409 and "interrupted" in stop.json()["detail"]
+    # A forced stop signals the driver only: the learner may complete one more checkpoint after the driver wrote
+    # its end. The resume takes the newest whole one, so the service shows that one; a half-written one is not it.
+    from test_run_integrity_on_cpu import make_checkpoint
+
+    make_checkpoint(path, "c4", 4, "s")
+    make_checkpoint(path, "c5", 5, "s", whole=False)
+    assert get(server, "/runs/cut").json()["last_checkpoint"] == 4
 
 
 def test_a_submission_waits_for_the_job_agent_and_passes_other_refusals_on():

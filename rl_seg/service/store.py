@@ -125,6 +125,13 @@ class RunStore:
             status = "lost"
         submission = value(state, "submission_id", (str,), RUN_STATE)
         checkpoint = state.get("last_checkpoint") if isinstance(state.get("last_checkpoint"), dict) else {}
+        last_checkpoint = value(checkpoint, "iteration", (int,), f"{RUN_STATE} last_checkpoint")
+        if status not in ("starting", "running"):
+            # A forced stop signals the driver only: a learner can finish one more checkpoint after the driver
+            # recorded its end. A resume takes the newest complete one on disk, so that is the one to show.
+            newest = max((c.iteration for c in list_checkpoints(path)), default=None)
+            if newest is not None and (last_checkpoint is None or newest > last_checkpoint):
+                last_checkpoint = newest
         times = [value(state, "updated", (float, int), RUN_STATE), value(health, "time", (float, int), HEALTH),
                  last.get("time") if isinstance(last.get("time"), (int, float)) else None]
         return _finite({
@@ -141,7 +148,7 @@ class RunStore:
             "error": value(state, "error", (str,), RUN_STATE),
             "reason": value(state, "reason", (str,), RUN_STATE),
             "submission_id": submission,
-            "last_checkpoint": value(checkpoint, "iteration", (int,), f"{RUN_STATE} last_checkpoint"),
+            "last_checkpoint": last_checkpoint,
             "resume_command": value(state, "resume_command", (str,), RUN_STATE),
             "last_metrics": {k: v for k, v in last.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("time/")},
