@@ -243,7 +243,15 @@ def test_readers_show_each_iteration_once_in_order(tmp_path):
     assert curve_metrics is read_metrics  # the curves read through the same reader
     assert [(r["iteration"], r["reward"]) for r in read_metrics(tmp_path)] == [(1, 0.1), (2, 0.25), (3, 0.3)]
     assert plot_run_curves(tmp_path).is_file()
+    # with the warm start's validation curve beside it (as the quickstart writes it): the precision-recall panel
+    from rl_seg.plots import WARM_START_CURVE
 
+    (tmp_path / WARM_START_CURVE).write_text(json.dumps(
+        [{"threshold": t, "dice": 0.6, "recall": 1 - t, "precision": t} for t in (0.3, 0.5, 0.7)]))
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"iteration": 4, "reward": 0.4, "val/recall": 0.6, "val/precision": 0.5}) + "\n")
+    plain = plot_run_curves(tmp_path, tmp_path / "plain.png")
+    assert plain.stat().st_size > 1000
 
 # --- checkpoints: adoption and retention -------------------------------------------------------------------
 
