@@ -16,16 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sa2va_replica.stubs import STUBBED_PACKAGES, STUBS, stub_root, use_test_stubs  # noqa: E402,F401
 
 
-use_test_stubs()
+#: The packages this environment takes from tests/stubs (none where the real ones are installed).
+STUBBED_HERE = use_test_stubs()
 
 
 @contextlib.contextmanager
 def stubs_hidden():
     """Import a library that probes for torchvision (torchmetrics asks whether it is importable, then imports
     torchvision.models, which the stub does not have) as it would load on a machine without torchvision."""
-    root = stub_root([name for name in STUBBED_PACKAGES if not _is_real(name)])
-    hidden = {name: module for name, module in sys.modules.items()
-              if name.split(".")[0] in STUBBED_PACKAGES and not _is_real(name.split(".")[0])}
+    root = stub_root(STUBBED_HERE)
+    hidden = {name: module for name, module in sys.modules.items() if name.split(".")[0] in STUBBED_HERE}
     for name in hidden:
         del sys.modules[name]
     on_path = root is not None and str(root) in sys.path
@@ -38,11 +38,6 @@ def stubs_hidden():
         if on_path:
             sys.path.append(str(root))
         sys.modules.update(hidden)
-
-
-def _is_real(name: str) -> bool:
-    spec = importlib.util.find_spec(name)
-    return spec is not None and str(STUBS) not in (spec.origin or "") and "rl-seg-test-stubs" not in (spec.origin or "")
 
 
 @pytest.fixture(scope="session")
