@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -270,14 +269,10 @@ def per_sample_flops(cfg: TrainConfig, device: torch.device, image: np.ndarray) 
 
 @contextlib.contextmanager
 def single_process_group(device: torch.device):
-    """torch.distributed with world size 1 on loopback, as Ray Train would set it up for one worker."""
+    """torch.distributed with world size 1, the rank variables set as Ray Train sets them for one worker."""
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     if device.type == "cuda":
