@@ -99,7 +99,7 @@ def train_overrides(task: str, ckpt: Path, run_dir: Path, placement: str, dry: b
            "learner.num_workers=1", f"learner.use_gpu={'true' if gpu else 'false'}",
            f"learner.gpus_per_worker={0.5 if placement == 'colocated' else 1}",
            f"learner.cpus_per_worker={2 if gpu else 0.5}",
-           "learner.micro_batch_images=1", "learner.count_flops=true", "ppo.epochs=2", "ppo.lr=1e-4",
+           f"learner.micro_batch_images={8 if gpu else 2}", "learner.count_flops=true", "ppo.epochs=2", "ppo.lr=1e-4",
            "ppo.warmup_steps=1", f"threads_per_worker={2 if gpu else 1}", "progress=true"]
     if ray_address:
         out.append(f"ray_address={ray_address}")
@@ -143,7 +143,7 @@ def worker(args) -> int:
     sampler = pt.GpuSampler(device.type == "cuda")
     try:
         res = pt.run_in_process(cfg, warmup=args.warmup, device=device, sampler=sampler, count_costs=False,
-                                compare_reuse=2 if not args.dry_run else 1, probe=frozen_handover,
+                                compare_reuse=args.compare_reuse, probe=frozen_handover,
                                 count_flops=True)
     finally:
         sampler.stop()
@@ -393,7 +393,9 @@ def orchestrate(args) -> int:
             result_file = work / f"{task}.json"
             cmd = [sys.executable, str(Path(__file__)), "worker", "--task", task, "--shape", shape,
                    "--ckpt", str(ckpt), "--result", str(result_file), "--overrides", json.dumps(overrides),
-                   "--warmup", str(args.warmup)] + (["--dry-run"] if dry else []) + (
+                   "--warmup", str(args.warmup),
+                   # learn without frozen-tower reuse, for comparison: in the first task only (device time)
+                   "--compare-reuse", str(0 if n else 1 if dry else 2)] + (["--dry-run"] if dry else []) + (
                        ["--skip-inprocess"] if placement != "hybrid" else [])
             log(f"{task}: checkpoint {'ready' if (ckpt / 'config.json').is_file() else 'build'} + one-process loop")
             proc = start_group(cmd, work / "logs" / f"{task}.worker.log")
@@ -470,7 +472,8 @@ def _f(v, spec=".2f", scale=1.0) -> str:
 
 def markdown(results: dict) -> str:
     head = (f"# Sa2VA scale on one {results.get('gpu') or 'CPU (dry run)'}\n\nK=8 masks per image, 8 images per "
-            f"iteration, 2 PPO epochs, actions at image resolution, LoRA r16 on the language model's attention, "
+            f"iteration in one micro-batch (one forward for all of them, sizes mixed), 2 PPO epochs, actions at image "
+            f"resolution, LoRA r16 on the language model's attention, "
             f"bf16; {results['warmup']} warm-up + {results['timed']} timed iterations. Job = `rl-seg train` (Ray); "
             "one process = the same config and code without Ray. MFU: counted learn FLOPs / learn seconds / dense "
             "bf16 peak (spec; in brackets: the measured bf16 matmul rate).\n\n")
@@ -519,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--warmup", type=int, default=1)
     w.add_argument("--dry-run", action="store_true")
     w.add_argument("--skip-inprocess", action="store_true")
+    w.add_argument("--compare-reuse", type=int, default=0, help="iterations with frozen-tower reuse off")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     p.add_argument("--work", default="/tmp/sa2va_scale")
     p.add_argument("--deadline-s", type=float, default=540.0, help="the whole call's budget, from --started")

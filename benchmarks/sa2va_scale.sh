@@ -5,7 +5,8 @@
 #    with actions on the native grid vs at image sizes, K = 1 and 8 -> $OUT/action_memory.json and .txt.
 # 2. benchmarks/sa2va_scale.py: builds random-weight real-shape checkpoints on the GPU in bf16 (4B, 14B, InternVL3-8B,
 #    1B first; 8B-InternLM2, colocated 4B and 26B if time allows), and for each runs `rl-seg train` (hybrid placement;
-#    K=8, 8 images per iteration, 2 epochs, actions at image resolution, 1 warm-up + 5 timed iterations) and the
+#    K=8, 8 images per iteration in one micro-batch, 2 epochs, actions at image resolution, 1 warm-up + 5 timed
+#    iterations) and the
 #    same settings in one process without Ray; stops at the deadline leaving what finished. results.md,
 #    results.json and runs.tar.gz in $OUT are rewritten after every step, so a call cut short keeps what finished.
 # Reads nothing outside the repository (data/samples) and .whl/. See benchmarks/sa2va_scale.py.

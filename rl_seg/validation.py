@@ -84,10 +84,25 @@ def _policy_problems(cfg: TrainConfig) -> list[str]:
             problems.append(f"policy.trust_remote_code: {path} holds remote code (config.json auto_map: "
                             f"{sorted(auto_map)}) that would run in the driver, rollout actors and learners; set "
                             f"policy.trust_remote_code=true if you trust it (got false)")
+    if not problems and cfg.data.image_size is None and cfg.learner.micro_batch_images > 1:
+        problems += _mixed_size_problems(cfg)
     adapter = cfg.policy.init_adapter
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         problems.append(f"policy.init_adapter: not a PEFT adapter folder (no adapter_config.json) (got {adapter!r})")
     return problems
+
+
+def _mixed_size_problems(cfg: TrainConfig) -> list[str]:
+    from .policy.base import policy_class
+
+    try:
+        cls = policy_class(cfg.policy.name)
+    except (ValueError, OSError):
+        return []  # named by the checks above or when the policy loads
+    if cls.mixed_size_batches:
+        return []
+    return [f"learner.micro_batch_images: the {cls.name!r} policy takes one image size per batch, and data.image_size: "
+            f"null keeps each image's own size; use 1, or set data.image_size (got {cfg.learner.micro_batch_images})"]
 
 
 def _data_problems(cfg: TrainConfig) -> list[str]:

@@ -140,9 +140,11 @@ def test_a_run_folder_left_by_a_killed_driver_is_taken_over_only_by_a_resume(tmp
     ("data.datasets=[/no/such/data]", "data.datasets[0]: dataset folder /no/such/data does not exist"),
     ("data.val_split=nope", "data.val_split: dataset 'drive-sample' has no split 'nope'"),
     ("name=../escape", "name: must be one folder name"),
+    ("data.image_size=null learner.micro_batch_images=2",
+     "learner.micro_batch_images: the 'default' policy takes one image size per batch"),
 ])
 def test_bad_values_are_refused_before_ray_and_before_any_file(tmp_path, tiny_policy, capsys, override, line, ray_starts):
-    assert main(train_args(tmp_path / "runs", tiny_policy, "r", override)) == 2
+    assert main(train_args(tmp_path / "runs", tiny_policy, "r", *override.split())) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("rl-seg train: error: " + line), err
     for problem in [err[0].removeprefix("rl-seg train: error: "), *err[1:]]:  # one line per problem, each naming

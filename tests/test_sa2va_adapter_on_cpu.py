@@ -130,8 +130,17 @@ def test_logits_at_the_image_resolution_upsampled_as_predict_forward(policies, i
     torch.testing.assert_close(alone, out.logits[:1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(mixed[:1], out.logits[:1], atol=1e-4, rtol=1e-4)
 
-    with pytest.raises(ValueError, match="share a size"):
-        policy(policy.collate([x, policy.preprocess([np.zeros((32, 32, 3), np.uint8)])]))
+    # images of other sizes in one batch (native sizes, micro-batches of several images): each image's logits at
+    # its own size, top-left in a batch padded to the largest, equal to what it gets alone
+    assert policy.mixed_size_batches
+    small = images[1][:32, :48]
+    with torch.no_grad():
+        padded = policy(policy.collate([x, policy.preprocess([small])])).logits
+        small_alone = policy(policy.preprocess([small])).logits
+    assert padded.shape == (3, *IMAGE_SHAPE)
+    torch.testing.assert_close(padded[:2], out.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(padded[2:, :32, :48], small_alone, atol=1e-4, rtol=1e-4)
+    assert (padded[2, 32:] == 0).all() and (padded[2, :, 48:] == 0).all()
 
 
 def test_reproduces_predict_forward(replica, policies):

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ConfigError
 
-__all__ = ["PolicyOutput", "SegPolicy", "POLICIES", "register_policy", "load_policy", "DEFAULT_PROMPT",
+__all__ = ["PolicyOutput", "SegPolicy", "POLICIES", "register_policy", "load_policy", "policy_class", "DEFAULT_PROMPT",
            "autocast_for", "RemoteCodeError", "remote_code", "REMOTE_CODE_FLAG"]
 
 #: The Sa2VA-style request every policy is trained and evaluated with unless a dataset says otherwise.
@@ -44,6 +44,9 @@ class SegPolicy(nn.Module, ABC):
     default_lora_preset: ClassVar[str] = "llm"
     #: Keyword options ``load_policy`` may pass to ``from_pretrained`` / ``load_default``.
     load_options: ClassVar[frozenset[str]] = frozenset({"device", "trust_remote_code"})
+    #: Whether ``forward`` takes images of different sizes in one batch (native sizes with micro-batches of several
+    #: images): logits are then padded to the largest, image i at ``logits[i, :H_i, :W_i]``.
+    mixed_size_batches: ClassVar[bool] = False
 
     @abstractmethod
     def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str] | None = None) -> PolicyOutput:
@@ -186,6 +189,14 @@ def load_policy(name_or_path: str | Path, trust_remote_code: bool = False, check
 
         check_policy(policy, key)
     return policy
+
+
+def policy_class(name_or_path: str | Path) -> type[SegPolicy]:
+    """The class ``load_policy`` would build for a registry name or checkpoint folder, without loading weights."""
+    from . import _builtin  # noqa: F401 - registers the built-in policies
+
+    key = str(name_or_path)
+    return POLICIES[key] if key in POLICIES else _policy_class(Path(name_or_path))
 
 
 def _policy_class(path: Path) -> type[SegPolicy]:

@@ -27,8 +27,8 @@ class DataConfig:
     train_split: str = field(default="train", metadata={"help": "split sampled for rollouts"})
     val_split: str = field(default="val", metadata={"help": "split for validation metrics (never test)"})
     image_size: int | None = field(default=256, metadata={
-        "help": "images and masks resized to this square size for rollouts and learning (null: native size, "
-                "then learner.micro_batch_images must be 1)", "min": 8})
+        "help": "images and masks resized to this square size for rollouts and learning (null: native size; "
+                "micro-batches of several sizes need a policy that takes them, as Sa2VA does)", "min": 8})
     images_per_iteration: int = field(default=8, metadata={
         "help": "images per PPO iteration (across learners)", "min": 1})
     balance_datasets: bool = field(default=True, metadata={
@@ -169,7 +169,8 @@ class LearnerConfig:
         "help": "DeepSpeed ZeRO stage (0, 1 or 2; LoRA states are small, and stage 3 would need gathering before "
                 "every weight sync)", "choices": [0, 1, 2]})
     micro_batch_images: int = field(default=1, metadata={
-        "help": "images (each with its K masks) per forward/backward on one rank", "min": 1})
+        "help": "images (each with its K masks) per forward/backward on one rank; with placement hybrid also "
+                "per sampling forward", "min": 1})
     max_failures: int = field(default=1, metadata={
         "help": "learner-group restarts from the last checkpoint; once spent, the run fails naming this budget",
         "min": 0})
@@ -246,9 +247,6 @@ class TrainConfig:
             raise ConfigError(f"data.images_per_iteration: images per rank ({per_rank}) must be a multiple of "
                               f"learner.micro_batch_images x ppo.minibatches ({self.learner.micro_batch_images} x "
                               f"{self.ppo.minibatches}) (got {self.data.images_per_iteration})")
-        if self.data.image_size is None and self.learner.micro_batch_images != 1:
-            raise ConfigError("data.image_size: null (native sizes) needs learner.micro_batch_images=1 "
-                              f"(got learner.micro_batch_images={self.learner.micro_batch_images})")
         if self.ppo.advantage == "group" and self.rollout.samples_per_image < 2:
             raise ConfigError("rollout.samples_per_image: ppo.advantage=group needs >= 2 "
                               f"(got {self.rollout.samples_per_image})")

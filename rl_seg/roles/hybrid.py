@@ -59,34 +59,46 @@ class HybridRollout:
         return self.engine.module.policy
 
     # --- one rank's work ----------------------------------------------------------------------------------------
-    def forward_old(self, image: np.ndarray) -> dict:
-        """Preprocess, frozen towers, logits and value of one image with the current weights (no gradient): what
-        the learner would compute as the old policy."""
-        inputs = self.policy.preprocess([image])
+    def forward_old(self, images: list[np.ndarray]) -> list[dict]:
+        """Preprocess, frozen towers, logits and value of images with the current weights (no gradient), one
+        forward for the trainable path: what the learner would compute as the old policy, image by image (logits
+        cropped to each image's size)."""
+        policy = self.policy
+        inputs = [policy.preprocess([image]) for image in images]
         with torch.no_grad(), autocast_for(self.device):
-            frozen = self.policy.encode_frozen(inputs) if self.cfg.learner.reuse_frozen_towers else None
-            logits, value = self.engine(inputs, **frozen_kwargs(frozen))
-        return {"inputs": inputs, "frozen": frozen, "logits": logits.float(), "value": value.float()}
+            frozen = [policy.encode_frozen(x) if self.cfg.learner.reuse_frozen_towers else None for x in inputs]
+            logits, value = self.engine(policy.collate(inputs), **frozen_kwargs(cat_frozen(frozen)))
+        out = []
+        for n, (x, f, image) in enumerate(zip(inputs, frozen, images)):
+            h, w = policy.output_size(image.shape[:2])
+            out.append({"inputs": x, "frozen": f, "logits": logits[n:n + 1, :h, :w].float(),
+                        "value": value[n:n + 1].float()})
+        return out
 
     def sample(self, items: list[tuple[int, str, np.ndarray, np.ndarray | None, int]], version: int,
                on_reply=None) -> dict:
         """K masks for each ``(position, id, image, fov, seed)``, cached for this rank's update; replies shaped as
-        a rollout actor's (``on_reply(position, reply)`` as each is ready)."""
+        a rollout actor's (``on_reply(position, reply)`` as each micro-batch is ready, so that the reward pool
+        scores it while the next one is sampled)."""
         cfg = self.cfg
         replies = {}
-        for pos, state_id, image, fov, seed in items:
+        step = cfg.learner.micro_batch_images
+        for first in range(0, len(items), step):
+            group = items[first:first + step]
             start = time.perf_counter()
-            old = self.forward_old(image)
-            valid = None if fov is None else torch.from_numpy(np.array(fov))
-            masks = sample_masks(old["logits"], cfg.rollout.samples_per_image, cfg.rollout.temperature, seed, valid)
-            self.cache[pos] = old
-            reply = {"version": version, "incarnation": f"learner-rank-{self.rank}", "sync_s": 0.0,
-                     "sample_s": time.perf_counter() - start,
-                     "samples": [packed_sample(state_id, masks.cpu().numpy())],
-                     "peak_memory_gib": peak_memory_gib(self.device)}
-            replies[pos] = reply
+            olds = self.forward_old([image for _, _, image, _, _ in group])
+            for (pos, state_id, image, fov, seed), old in zip(group, olds):
+                valid = None if fov is None else torch.from_numpy(np.array(fov))
+                masks = sample_masks(old["logits"], cfg.rollout.samples_per_image, cfg.rollout.temperature, seed,
+                                     valid)
+                self.cache[pos] = old
+                replies[pos] = {"version": version, "incarnation": f"learner-rank-{self.rank}", "sync_s": 0.0,
+                                "sample_s": (time.perf_counter() - start) / len(group),
+                                "samples": [packed_sample(state_id, masks.cpu().numpy())],
+                                "peak_memory_gib": peak_memory_gib(self.device)}
             if on_reply is not None:
-                on_reply(pos, reply)
+                for pos, *_ in group:
+                    on_reply(pos, replies[pos])
         return replies
 
     def take(self) -> dict[int, dict]:

@@ -174,13 +174,18 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
                     for j in mine}
     frozen: dict = {}
 
-    # Old policy (this version, no gradient), reference policy (adapter off) and values, once per iteration.
+    # Old policy (this version, no gradient), reference policy (adapter off) and values, once per iteration, in
+    # micro-batches as the update runs them (logits of a batch of mixed sizes are cropped to each image's own).
+    mb = cfg.learner.micro_batch_images
     prepared = {}
     problem = None
     with torch.no_grad():
-        for j in mine:
-            kept = rollouts.get(j)
-            if cfg.learner.reuse_frozen_towers:
+        for start in range(0, len(mine), mb):
+            group = mine[start:start + mb]
+            for j in group:
+                kept = rollouts.get(j)
+                if not cfg.learner.reuse_frozen_towers:
+                    continue
                 if kept is not None:
                     frozen[j] = kept["frozen"]
                 elif batch.frozen is not None and batch.frozen[j] is not None:  # sent by the rollout actor
@@ -188,25 +193,31 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
                 else:
                     with autocast_for(device):
                         frozen[j] = module.policy.encode_frozen(pixel_values[j])
-            if kept is not None:
-                logits, value = kept["logits"], kept["value"]
+            inputs = module.policy.collate([pixel_values[j] for j in group])
+            group_frozen = frozen_kwargs(cat_frozen([frozen.get(j) for j in group]))
+            if all(j in rollouts for j in group):
+                old_out = [(rollouts[j]["logits"], rollouts[j]["value"]) for j in group]
             else:
                 with autocast_for(device):
-                    logits, value = engine(pixel_values[j], **frozen_kwargs(frozen.get(j)))
-            logits = logits.float()
-            ref_logits = None
+                    logits, value = engine(inputs, **group_frozen)
+                old_out = [(logits[n:n + 1], value[n:n + 1]) for n in range(len(group))]
+            ref = None
             if cfg.ppo.loss.kl_coef > 0:
                 with module.policy.disable_adapter(), autocast_for(device):
-                    ref_logits = module.policy(pixel_values[j], **frozen_kwargs(frozen.get(j))).logits.float()
-            actions, gt, valid = _tensors(batch, j, device)
-            old = MaskDistribution(logits.expand(k, -1, -1), temp, valid)
-            prepared[j] = dict(actions=actions, gt=gt, valid=valid, old_logp=old.log_prob(actions),
-                               prob_taken=torch.exp(old.log_prob(actions)), value=value.float(),
-                               ref_logits=ref_logits)
-            bad = non_finite([("logits", logits), ("reference logits", ref_logits),
-                              ("log-probs", prepared[j]["old_logp"]), ("value", prepared[j]["value"])])
-            if bad:
-                problem = problem or f"{' and '.join(bad)} of image {batch.ids[j]}"
+                    ref = module.policy(inputs, **group_frozen).logits
+            for n, j in enumerate(group):
+                actions, gt, valid = _tensors(batch, j, device)
+                h, w = actions.shape[-2:]
+                logits = old_out[n][0].float()[..., :h, :w]
+                ref_logits = None if ref is None else ref[n:n + 1, :h, :w].float()
+                old = MaskDistribution(logits.expand(k, -1, -1), temp, valid)
+                prepared[j] = dict(actions=actions, gt=gt, valid=valid, old_logp=old.log_prob(actions),
+                                   prob_taken=torch.exp(old.log_prob(actions)), value=old_out[n][1].float(),
+                                   ref_logits=ref_logits)
+                bad = non_finite([("logits", logits), ("reference logits", ref_logits),
+                                  ("log-probs", prepared[j]["old_logp"]), ("value", prepared[j]["value"])])
+                if bad:
+                    problem = problem or f"{' and '.join(bad)} of image {batch.ids[j]}"
     _agree_finite(problem, "before the update", iteration, rank, world, weights_changed=False)
 
     # Advantages over this rank's images at once; the batch-wide statistics (pixel RMS, value whitening) are
@@ -237,7 +248,6 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
         prepared[j]["returns"] = rewards[n * k:(n + 1) * k]
 
     stats: dict[str, list[float]] = {}
-    mb = cfg.learner.micro_batch_images
     for epoch in range(cfg.ppo.epochs):
         # Seeded by position, not by a global RNG, so a resumed run replays exactly what the stopped one would.
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration * 1_009 + epoch * 31 + rank)
@@ -250,7 +260,8 @@ def learn(engine, batch: RolloutBatch, cfg: TrainConfig, rank: int, world: int, 
             loss = 0.0
             for n, j in enumerate(group):
                 p = prepared[j]
-                new = MaskDistribution(logits[n].float().expand(k, -1, -1), temp, p["valid"])
+                h, w = p["actions"].shape[-2:]
+                new = MaskDistribution(logits[n, :h, :w].float().expand(k, -1, -1), temp, p["valid"])
                 ref = (MaskDistribution(p["ref_logits"].expand(k, -1, -1), temp, p["valid"])
                        if p["ref_logits"] is not None else None)
                 use_value = cfg.ppo.advantage == "value"

@@ -246,6 +246,8 @@ class Sa2VABase(SegPolicy):
     #: The LoRA preset ``policy.lora.targets=default`` resolves to.
     default_lora_preset: ClassVar[str] = "llm"
     load_options = SegPolicy.load_options | {"dtype", "action_resolution", "skip_repairs", "attn_implementation"}
+    #: Every image is resized to the towers' inputs, so a batch may mix image sizes (only the action grid differs).
+    mixed_size_batches: ClassVar[bool] = True
 
     def __init__(self, model: torch.nn.Module, source_dir: str | Path | None = None, answer: str = DEFAULT_ANSWER,
                  action_resolution: str = "image"):
@@ -492,13 +494,19 @@ class Sa2VABase(SegPolicy):
         return low.float()
 
     def to_action_grid(self, low_res: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """The decoder's grid, or each image's own size (``action_resolution``). Images of different sizes in one
+        batch (native sizes): each is upsampled to its own size and the batch padded to the largest, top-left
+        aligned; callers read image i as ``logits[i, :H_i, :W_i]`` (``mixed_size_batches``)."""
         if self.action_resolution == "native":
             return low_res
-        sizes = {tuple(s) for s in image_sizes}
-        if len(sizes) != 1:
-            raise ValueError(f"images of one batch must share a size for image-resolution actions, got {sorted(sizes)}"
-                             f" (learner.micro_batch_images=1, or data.image_size to resize them)")
-        return upsample_like_predict_forward(low_res, self.grounding_size, sizes.pop())
+        sizes = [tuple(s) for s in image_sizes]
+        if len(set(sizes)) == 1:
+            return upsample_like_predict_forward(low_res, self.grounding_size, sizes[0])
+        out = low_res.new_zeros((len(sizes), max(h for h, _ in sizes), max(w for _, w in sizes)), dtype=torch.float32)
+        for size in set(sizes):
+            rows = [i for i, s in enumerate(sizes) if s == size]
+            out[rows, :size[0], :size[1]] = upsample_like_predict_forward(low_res[rows], self.grounding_size, size)
+        return out
 
     def forward(self, inputs: Sa2VAInputs, prompts: Sequence[str] | None = None,
                 frozen: FrozenFeatures | None = None) -> PolicyOutput:
