@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rl_seg.guards import NonFiniteError
+from rl_seg.guards import NonFiniteError, check_finite_weights
 from rl_seg.policy import load_policy
 from rl_seg.policy.sa2va import compat
 from rl_seg.policy.sa2va.internvl import Sa2VAPolicy
@@ -188,6 +188,33 @@ def test_a_nan_weight_is_refused(folders, tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"rl-seg eval: error: {path}: ") and "non-finite" in last, last
+
+
+def test_the_weight_check_finds_what_isfinite_finds_without_a_tensor_sized_temporary():
+    big = torch.nn.Linear(4096, 4096 + 1, bias=False).to(torch.bfloat16)  # more than one exact-check slice
+    with torch.no_grad():
+        big.weight.fill_(0.5)
+    check_finite_weights(big, "big")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with torch.no_grad():
+            big.weight.view(-1)[-1] = bad  # in the last slice
+        with pytest.raises(NonFiniteError, match="1 weight tensor.*weight"):
+            check_finite_weights(big, "big")
+        with torch.no_grad():
+            big.weight.view(-1)[-1] = 0.5
+    overflow = torch.nn.Linear(64, 64, bias=False).half()
+    with torch.no_grad():
+        overflow.weight.fill_(60000.0)  # finite, but its float16 sum is inf: the exact check decides
+    check_finite_weights(overflow, "overflow")
+    # no temporary the size of the tensor (torch.isfinite's boolean mask is one byte per element)
+    probe = "import resource, torch; from rl_seg.guards import check_finite_weights as c; " \
+            "m = torch.nn.Embedding(300_000, 1000).to(torch.bfloat16); " \
+            "r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; {}; " \
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r) / 1024)"
+    grown = {how: float(subprocess.run([sys.executable, "-c", probe.format(call)], capture_output=True, text=True,
+                                       check=True).stdout) for how, call in
+             (("isfinite", "torch.isfinite(m.weight).all()"), ("check", "c(m, 'm')"))}
+    assert grown["isfinite"] > 200 and grown["check"] < 20, grown  # MiB over a 572 MiB weight
 
 
 def test_loaded_policy_passes_the_canary_and_keeps_numbers(folders):
