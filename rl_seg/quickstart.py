@@ -26,7 +26,7 @@ from .plots import WARM_START_CURVE, before_after_picture, plot_run_curves
 from .policy import load_policy
 from .policy.lora import load_adapter
 from .ppo.config import TrainConfig
-from .ppo.states import State, load_states
+from .ppo.states import load_states
 from .run_outcome import RunInterrupted, exit_now
 from .score import SWEEP, best_threshold, precision_above_curve, score_probabilities, threshold_curve
 from .train import run_training

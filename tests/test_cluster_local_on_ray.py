@@ -6,7 +6,6 @@ endpoint, restart the service, check the dashboard API wants the token, run the 
 cluster, stop the head.
 """
 
-import json
 import os
 import re
 import signal

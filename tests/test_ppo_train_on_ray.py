@@ -49,8 +49,12 @@ def overrides(tmp_path, tiny_policy, name, *extra) -> list[str]:
             "progress=false", *extra]
 
 
-#: One rollout actor, reward actor and learner: enough for the tests of how runs end, and quicker to start.
+#: One rollout actor, reward actor and learner: enough for the tests of how runs end, and quicker to start (each
+#: actor is a process that imports torch, peft and DeepSpeed: about 9 s of CPU on the 2-core CI machine).
 SMALL = ("rollout.num_workers=1", "reward.num_actors=1", "learner.num_workers=1", "data.images_per_iteration=2")
+#: Two learner ranks fed by one rollout actor (tests of the learner group) / two rollout actors feeding one rank.
+ONE_ROLLOUT = ("rollout.num_workers=1", "reward.num_actors=1")
+ONE_LEARNER = ("learner.num_workers=1", "reward.num_actors=1")
 
 
 def config(tmp_path, tiny_policy, name, *extra) -> TrainConfig:
@@ -169,7 +173,8 @@ def _actor_pid(class_name, ray):
 
 
 def test_killed_rollout_actor_is_restarted_and_its_work_redone(ray_local, tmp_path, tiny_policy):
-    cfg = config(tmp_path, tiny_policy, "kill-rollout", "iterations=4", "checkpoint_every=4", "val_every=0")
+    cfg = config(tmp_path, tiny_policy, "kill-rollout", "iterations=4", "checkpoint_every=4", "val_every=0",
+                 *ONE_LEARNER)
     thread, killed = _kill_when(cfg.run_path, 1, lambda: _actor_pid("RolloutWorker", ray_local))
     run_training(cfg)
     thread.join(5)
@@ -183,7 +188,7 @@ def test_killed_rollout_actor_is_restarted_and_its_work_redone(ray_local, tmp_pa
 
 def test_resume_continues_exactly(ray_local, tmp_path, tiny_policy):
     # with augmented views: a resumed run must draw the same views too
-    common = ("iterations=4", "checkpoint_every=2", "data.augment=true")
+    common = ("iterations=4", "checkpoint_every=2", "data.augment=true", *ONE_ROLLOUT)
     whole = config(tmp_path, tiny_policy, "whole", *common)
     run_training(whole)
     part = config(tmp_path, tiny_policy, "part", *common, "stop_after_iterations=2")
@@ -259,7 +264,7 @@ def test_killed_learner_worker_restarts_group_from_checkpoint(ray_local, tmp_pat
     from test_run_integrity_on_cpu import _scalar_steps
 
     args = overrides(tmp_path, tiny_policy, "kill-learner", "iterations=4", "checkpoint_every=2", "val_every=0",
-                     "learner.max_failures=1", "keep_checkpoints=1")
+                     "learner.max_failures=1", "keep_checkpoints=1", *ONE_ROLLOUT)
     cfg = load_config(TrainConfig, None, args)
     thread, killed = _kill_when(cfg.run_path, 3, lambda: _actor_pid("RayTrainWorker", ray_local))
     # a second driver for the same run folder, started once the first holds it: refused, naming the holder
@@ -394,7 +399,7 @@ def test_a_nan_stops_the_run_naming_what_where_and_the_last_good_checkpoint(ray_
     with NaN metrics, and keep a checkpoint to resume from."""
     from rl_seg.guards import NonFiniteError
 
-    cfg = config(tmp_path, tiny_policy, "nan", "iterations=4", "ppo.lr=1e30", "ppo.max_grad_norm=1e30",
+    cfg = config(tmp_path, tiny_policy, "nan", *SMALL, "iterations=4", "ppo.lr=1e30", "ppo.max_grad_norm=1e30",
                  "checkpoint_every=1")
     with pytest.raises(NonFiniteError) as info:
         run_training(cfg)

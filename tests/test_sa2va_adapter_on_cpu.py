@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from rl_seg.policy import DEFAULT_PROMPT, load_policy

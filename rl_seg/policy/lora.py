@@ -16,10 +16,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 
 from .base import SegPolicy
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+# peft is imported where an adapter is made or loaded, not with this module: the config (LoraSettings) is read by
+# every process of a run, and peft's import (transformers, torch._dynamo) costs ~3 s of CPU in each.
 
 __all__ = ["LoraSettings", "attach_lora", "load_adapter", "lora_module_names", "trainable_parameters",
            "merge_adapter"]
@@ -72,6 +79,8 @@ def attach_lora(policy: SegPolicy, settings: LoraSettings | None = None) -> Peft
     if not settings.target_modules(policy):
         raise ValueError(f"lora targets {regex!r} match no Linear or Conv2d layer of {type(policy).__name__} "
                          f"(its presets: {sorted(policy.lora_targets)})")
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=regex, bias="none")
     return get_peft_model(policy, config)
@@ -81,6 +90,8 @@ def load_adapter(policy: SegPolicy, adapter_dir: str | Path, trainable: bool = F
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(policy, str(adapter_dir), is_trainable=trainable)
 
 
