@@ -7,6 +7,10 @@ from pathlib import Path
 # Ray reads its authentication mode at import: set it before any test module imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train starts a preemption watcher per run (an actor polling the nodes' drain state, for spot instances): a
+# process that imports Ray Train, ~3 s of CPU on the 2-core CI machine, per run; nothing here is ever preempted.
+# Every Ray instance the tests start inherits this (ray.init and `ray start` take the environment of this process).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest  # noqa: E402
 
