@@ -101,30 +101,6 @@ def lora_weights(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-def test_end_to_end_two_iterations(ray_local, tmp_path, tiny_policy):
-    cfg = config(tmp_path, tiny_policy, "e2e")
-    summary = run_training(cfg)
-    rows = records(cfg.run_path)
-    assert [r["iteration"] for r in rows] == [1, 2]
-    assert [r["adapter_version"] for r in rows] == [1, 2]
-    # the rollout actors sampled iteration 2 with the weights the learner produced in iteration 1
-    assert [r["rollout_version"] for r in rows] == [0, 1]
-    assert all(r["adapter_version_lag"] == 0 for r in rows)
-    assert rows[-1]["masks"] == 2 * 4 * 3 and rows[-1]["reward_failures"] == 0
-    for key in ("reward", "reward/dice", "reward/recall", "reward/precision", "reward/cldice", "entropy",
-                "clip_fraction", "advantage_std", "time/rollout", "time/reward", "time/learn", "time/sync",
-                "masks_per_s", "empty_mask_fraction", "full_mask_fraction", "val/dice"):
-        assert key in rows[-1], key
-    assert (cfg.run_path / "config.yaml").is_file() and (cfg.run_path / "tensorboard").is_dir()
-    # LoRA B starts at zero: a trained adapter has moved it
-    final = lora_weights(cfg.run_path / "final_adapter")
-    assert any("lora_B" in k and v.abs().max() > 0 for k, v in final.items())
-    first = latest_checkpoint(cfg.run_path)
-    assert json.loads((first / "checkpoint.json").read_text())["iteration"] == 2
-    assert (first / "adapter" / "adapter_config.json").is_file()
-    assert summary["metrics"]["iteration"] == 2
-
-
 def test_a_local_instance_registers_and_listens_on_loopback_only(ray_local):
     """The tests' instance is started as `rl-seg train` starts its own (rl_seg.ray_env.init_ray, no address): it
     must register 127.0.0.1 and listen nowhere else (its GCS, raylet, dashboard, agents and workers)."""
@@ -162,35 +138,33 @@ def _kill_when(run_path, iteration, find_pid, sig=signal.SIGKILL, timeout=240):
     return thread, killed
 
 
-def _actor_pid(class_name, ray):
-    from ray.util.state import list_actors
-
-    # this instance's address: on a shared machine Ray's state API otherwise finds several and answers none
-    alive = [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
-                                    filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
-    assert alive, f"no live {class_name}"
-    return int(alive[0]["pid"])
-
-
-def test_killed_rollout_actor_is_restarted_and_its_work_redone(ray_local, tmp_path, tiny_policy):
-    cfg = config(tmp_path, tiny_policy, "kill-rollout", "iterations=4", "checkpoint_every=4", "val_every=0",
-                 *ONE_LEARNER)
-    thread, killed = _kill_when(cfg.run_path, 1, lambda: _actor_pid("RolloutWorker", ray_local))
-    run_training(cfg)
-    thread.join(5)
-    assert killed, "the rollout actor was never killed"
-    rows = records(cfg.run_path)
-    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]  # every iteration completed, once
-    assert rows[-1]["rollout_restarts"] >= 1
-    assert rows[-1]["masks"] == 4 * 4 * 3  # nothing lost, nothing counted twice
-    assert all(len(r["batch_ids"]) == 4 for r in rows)
-
-
-def test_resume_continues_exactly(ray_local, tmp_path, tiny_policy):
+def test_end_to_end_and_a_resume_continues_exactly(ray_local, tmp_path, tiny_policy):
     # with augmented views: a resumed run must draw the same views too
     common = ("iterations=4", "checkpoint_every=2", "data.augment=true", *ONE_ROLLOUT)
     whole = config(tmp_path, tiny_policy, "whole", *common)
-    run_training(whole)
+    summary = run_training(whole)
+    # the uninterrupted run, end to end
+    rows = records(whole.run_path)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert [r["adapter_version"] for r in rows] == [1, 2, 3, 4]
+    # the rollout actor sampled each iteration with the weights the learner produced in the one before
+    assert [r["rollout_version"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["adapter_version_lag"] == 0 for r in rows)
+    assert rows[-1]["masks"] == 4 * 4 * 3 and rows[-1]["reward_failures"] == 0
+    for key in ("reward", "reward/dice", "reward/recall", "reward/precision", "reward/cldice", "entropy",
+                "clip_fraction", "advantage_std", "time/rollout", "time/reward", "time/learn", "time/sync",
+                "masks_per_s", "empty_mask_fraction", "full_mask_fraction", "val/dice"):
+        assert key in rows[-1], key
+    assert (whole.run_path / "config.yaml").is_file() and (whole.run_path / "tensorboard").is_dir()
+    # LoRA B starts at zero: a trained adapter has moved it
+    final = lora_weights(whole.run_path / "final_adapter")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in final.items())
+    last = latest_checkpoint(whole.run_path)
+    assert json.loads((last / "checkpoint.json").read_text())["iteration"] == 4
+    assert (last / "adapter" / "adapter_config.json").is_file()
+    assert summary["metrics"]["iteration"] == 4 and summary["state"] == "succeeded"
+
+    # the same run stopped after two iterations, then resumed
     part = config(tmp_path, tiny_policy, "part", *common, "stop_after_iterations=2")
     run_training(part)
     assert [r["iteration"] for r in records(part.run_path)] == [1, 2]
@@ -260,13 +234,38 @@ def test_resume_without_a_run_and_rerun_are_clear_errors(ray_local, tmp_path, ti
         run_training(config(tmp_path, tiny_policy, "taken"))
 
 
-def test_killed_learner_worker_restarts_group_from_checkpoint(ray_local, tmp_path, tiny_policy):
+def _process_pid(name: str) -> int:
+    """The pid of a live ``ray::<name>`` process of this test session's Ray instance (its processes are this
+    process's descendants): quicker than Ray's state API, which a loaded machine can keep waiting for seconds."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.cmdline()[:1] and child.cmdline()[0].startswith(f"ray::{name}"):
+                return child.pid
+        except psutil.Error:
+            continue
+    raise LookupError(f"no live ray::{name} process")
+
+
+def test_killed_learner_worker_and_rollout_actor_are_restarted_and_nothing_is_lost(ray_local, tmp_path, tiny_policy):
+    """A learner rank killed mid-run: the group restarts from the last checkpoint and redoes what followed it. Then a
+    rollout actor killed mid-run: Ray restarts it and its requests are redone. Every iteration is recorded once."""
     from test_run_integrity_on_cpu import _scalar_steps
 
-    args = overrides(tmp_path, tiny_policy, "kill-learner", "iterations=4", "checkpoint_every=2", "val_every=0",
-                     "learner.max_failures=1", "keep_checkpoints=1", *ONE_ROLLOUT)
+    args = overrides(tmp_path, tiny_policy, "kill", "iterations=8", "checkpoint_every=2", "val_every=0",
+                     "learner.max_failures=1", "keep_checkpoints=1", "reward.num_actors=1")
     cfg = load_config(TrainConfig, None, args)
-    thread, killed = _kill_when(cfg.run_path, 3, lambda: _actor_pid("RayTrainWorker", ray_local))
+    learner_thread, learner_killed = _kill_when(cfg.run_path, 3, lambda: _process_pid("RayTrainWorker"))
+
+    def rollout_after_the_restart() -> int:
+        # after the group's restart, so that no checkpoint restore can forget the rollout actor's restart
+        health = json.loads((cfg.run_path / "health.json").read_text())
+        if health["learner"]["starts"] < 2 or logged(cfg.run_path) < 4:
+            raise LookupError("the learner group has not restarted yet")
+        return _process_pid("RolloutWorker")
+
+    rollout_thread, rollout_killed = _kill_when(cfg.run_path, 4, rollout_after_the_restart)
     # a second driver for the same run folder, started once the first holds it: refused, naming the holder
     second = {}
 
@@ -279,17 +278,23 @@ def test_killed_learner_worker_restarts_group_from_checkpoint(ray_local, tmp_pat
 
     threading.Thread(target=start_second, daemon=True).start()
     run_training(cfg)
-    thread.join(5)
-    assert killed, "no learner worker was killed"
+    learner_thread.join(5)
+    rollout_thread.join(5)
+    assert learner_killed, "no learner worker was killed"
+    assert rollout_killed, "no rollout actor was killed"
     # the restarted group continued from the iteration-2 checkpoint and redid iteration 3, which is recorded once:
     # in metrics.jsonl, in what the status service and the curves read, in TensorBoard
-    assert [r["iteration"] for r in records(cfg.run_path)] == [1, 2, 3, 4]
-    assert _scalar_steps(cfg.run_path / "tensorboard", "reward") == [1, 2, 3, 4]
+    rows = records(cfg.run_path)
+    assert [r["iteration"] for r in rows] == list(range(1, 9))
+    assert _scalar_steps(cfg.run_path / "tensorboard", "reward") == list(range(1, 9))
     assert json.loads((cfg.run_path / "health.json").read_text())["learner"]["starts"] == 2
+    assert rows[-1]["rollout_restarts"] >= 1
+    assert rows[-1]["masks"] == 8 * 4 * 3  # nothing lost, nothing counted twice
+    assert all(len(r["batch_ids"]) == 4 for r in rows)
     assert (cfg.run_path / "final_adapter" / "adapter_model.safetensors").is_file()
-    assert [c.iteration for c in list_checkpoints(cfg.run_path)] == [4]  # keep_checkpoints=1
-    assert f"kill-learner is in use by pid {os.getpid()} on host" in second["refused"]
-    assert len(records(cfg.run_path)) == 4  # it wrote nothing
+    assert [c.iteration for c in list_checkpoints(cfg.run_path)] == [8]  # keep_checkpoints=1
+    assert f"kill is in use by pid {os.getpid()} on host" in second["refused"]
+    assert len(records(cfg.run_path)) == 8  # it wrote nothing
 
 
 def test_ctrl_c_before_the_first_checkpoint_then_restart_under_its_name_and_stop_through_the_service(
@@ -365,7 +370,7 @@ def test_a_spent_restart_budget_is_named(ray_local, tmp_path, tiny_policy, role,
     # long enough that the kill (found through Ray's state API, which can take a while) comes mid-run
     cfg = config(tmp_path, tiny_policy, "budget", *SMALL, "iterations=2000", "val_every=0", "learner.max_failures=0",
                  budget)
-    thread, killed = _kill_when(cfg.run_path, 2, lambda: _actor_pid(role, ray_local))
+    thread, killed = _kill_when(cfg.run_path, 2, lambda: _process_pid(role))
     with pytest.raises(RunFailed, match=f"restart budget exhausted: .*{budget}"):
         run_training(cfg)
     thread.join(5)

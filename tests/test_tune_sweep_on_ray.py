@@ -1,5 +1,5 @@
-"""The smoke sweep end to end on a real local Ray: PPO trials run under Tune, ASHA stops some, the best config
-is a ready-to-run train config, and every trial is in the table and the plot."""
+"""The smoke sweep end to end on a real local Ray: PPO trials run under Tune, an interrupted sweep resumes, ASHA
+stops some trials, the best config is a ready-to-run train config, and every trial is in the table and the plot."""
 
 import csv
 
@@ -10,31 +10,6 @@ from rl_seg.ppo.config import TrainConfig
 from tune.sweep import CONFIGS, SweepConfig, run_sweep, trial_resources
 
 pytestmark = pytest.mark.ray
-
-
-def test_smoke_sweep_asha_stops_trials_and_writes_a_loadable_best_config(ray_local, tmp_path):
-    # One trial at a time over a grid of reward weights, with ASHA deciding on a metric the weights determine
-    # (the reported dice weight): which trials ASHA must stop is then known in advance, so the Train -> Tune ->
-    # scheduler path is checked without depending on how noisy two PPO iterations are.
-    cfg = load_config(SweepConfig, CONFIGS / "smoke.yaml", [
-        f"out_dir={tmp_path}", "num_samples=1", "max_concurrent_trials=1", "metric=weight/dice",
-        "grace_period=1", "reduction_factor=3",
-        "space={reward.weights.dice: {type: grid, values: [0.5, 0.4, 0.3]}, "
-        "ppo.lr: {type: choice, values: [0.001]}}"])
-    assert load_config(TrainConfig, None, cfg.train_overrides).iterations == 2
-    summary = run_sweep(cfg)
-    path = tmp_path / "smoke"
-    with (path / "trials.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == 3 and summary["failed"] == 0
-    iterations = {float(r["config/reward.weights.dice"]): int(r["iterations"]) for r in rows}
-    # the best ran to the end; each later trial was below the top third at the first rung, so ASHA stopped it
-    assert iterations == {0.5: 2, 0.4: 1, 0.3: 1}
-    best = load_config(TrainConfig, path / "best_config.yaml")
-    assert best.reward.weights["dice"] == 0.5 and best.iterations == 2 and best.name == "smoke-best"
-    assert (path / "sweep.png").stat().st_size > 1000 and (path / "trials.md").is_file()
-    for r in rows:  # every trial wrote its own PPO run folder
-        assert (path / "trials" / f"trial_{r['trial']}" / "metrics.jsonl").is_file()
 
 
 def test_population_based_training_exploits_and_explores(ray_local, tmp_path):
@@ -86,25 +61,35 @@ def test_sweep_config_errors_and_resources():
     assert constrained_objective({"val_dice": 0.8, "val_recall": 0.90}, floor) == pytest.approx(0.8)
 
 
-def test_interrupted_sweep_resumes_to_completion(ray_local, tmp_path):
-    """Ctrl-C a running sweep (Tune saves its state), then resume=true finishes every trial."""
+def test_asha_sweep_interrupted_resumes_stops_trials_and_writes_a_loadable_best_config(ray_local, tmp_path):
+    """Ctrl-C a running sweep (Tune saves its state), then resume=true finishes it: every trial is accounted for,
+    ASHA stops the ones it must, and the best config is a ready-to-run train config.
+
+    One trial at a time over a grid of reward weights, with ASHA deciding on a metric the weights determine (the
+    reported dice weight): which trials ASHA must stop is then known in advance, so the Train -> Tune -> scheduler
+    path is checked without depending on how noisy two PPO iterations are."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    overrides = [f"out_dir={tmp_path}", "name=cut", "num_samples=2", "max_concurrent_trials=1", "scheduler=fifo"]
+    overrides = [f"out_dir={tmp_path}", "num_samples=1", "max_concurrent_trials=1", "metric=weight/dice",
+                 "grace_period=1", "reduction_factor=3",
+                 "space={reward.weights.dice: {type: grid, values: [0.5, 0.4, 0.3]}, "
+                 "ppo.lr: {type: choice, values: [0.001]}}"]
+    assert load_config(TrainConfig, None, load_config(SweepConfig, CONFIGS / "smoke.yaml", overrides)
+                       .train_overrides).iterations == 2
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     # the sweep's driver joins the session's Ray instance (starting one of its own costs the 2-core machine ~20 s)
     joined = f"ray_address={ray_local.get_runtime_context().gcs_address}"
     proc = subprocess.Popen([sys.executable, "-m", "tune", "--config", str(CONFIGS / "smoke.yaml"), *overrides, joined],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    trials = tmp_path / "cut" / "trials"
+    path = tmp_path / "smoke"
     deadline = time.time() + 240
-    while time.time() < deadline and not any(trials.glob("trial_*/metrics.jsonl")):
+    while time.time() < deadline and not any((path / "trials").glob("trial_*/metrics.jsonl")):
         time.sleep(1)
-    assert any(trials.glob("trial_*/metrics.jsonl")), "the sweep never got going"
+    assert any((path / "trials").glob("trial_*/metrics.jsonl")), "the sweep never got going"
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=120)
@@ -112,14 +97,20 @@ def test_interrupted_sweep_resumes_to_completion(ray_local, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     # Tune saved its state on Ctrl-C and the sweep wrote what it had: not every trial had finished
-    table = tmp_path / "cut" / "trials.csv"
-    if table.exists():
-        with table.open() as fh:
-            done = [r for r in csv.DictReader(fh) if r["status"] == "ok" and int(r["iterations"]) == 2]
-        assert len(done) < 2
+    if (path / "trials.csv").exists():
+        with (path / "trials.csv").open() as fh:
+            assert len([r for r in csv.DictReader(fh) if r["status"] == "ok"]) < 3
 
     summary = run_sweep(load_config(SweepConfig, CONFIGS / "smoke.yaml", [*overrides, "resume=true"]))
-    assert summary["trials"] == 2 and summary["failed"] == 0
-    with (tmp_path / "cut" / "trials.csv").open() as fh:
+    with (path / "trials.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 and all(r["status"] == "ok" and int(r["iterations"]) == 2 for r in rows)
+    assert summary["trials"] == 3 and len(rows) == 3 and summary["failed"] == 0
+    assert all(r["status"] == "ok" for r in rows), rows
+    iterations = {float(r["config/reward.weights.dice"]): int(r["iterations"]) for r in rows}
+    # the best ran to the end; each later trial was below the top third at the first rung, so ASHA stopped it
+    assert iterations == {0.5: 2, 0.4: 1, 0.3: 1}
+    best = load_config(TrainConfig, path / "best_config.yaml")
+    assert best.reward.weights["dice"] == 0.5 and best.iterations == 2 and best.name == "smoke-best"
+    assert (path / "sweep.png").stat().st_size > 1000 and (path / "trials.md").is_file()
+    for r in rows:  # every trial wrote its own PPO run folder
+        assert (path / "trials" / f"trial_{r['trial']}" / "metrics.jsonl").is_file()
