@@ -38,6 +38,11 @@ class RunFailed(RuntimeError):
     """A run that ended for a reason rl-seg can name (the message says which, and how to continue)."""
 
 
+class RoleStartFailed(RuntimeError):
+    """A role of the run could not start (a rollout actor's constructor raised, or a learner refused a damaged
+    checkpoint); the message is the console line naming the role and its error."""
+
+
 class RestartBudgetExhausted(RuntimeError):
     """A role died more often than its configured restarts allow."""
 
@@ -110,10 +115,11 @@ def _first_sentence(exc: BaseException) -> str:
 
 
 def failure_message(exc: BaseException, max_failures: int) -> str | None:
-    """One line for a failure rl-seg can name (spent restart budget, full disk), else None."""
+    """One line for a failure rl-seg can name (a role that could not start, a spent restart budget, a full disk),
+    else None."""
     causes = list(_causes(exc))
     for cause in causes:
-        if isinstance(cause, (RestartBudgetExhausted, DiskFull)):
+        if isinstance(cause, (RestartBudgetExhausted, DiskFull, RoleStartFailed)):
             return str(cause)
     for cause in causes:
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:

@@ -27,7 +27,7 @@ from .ppo.config import TrainConfig
 from .ppo.states import State, load_states, thin_vessel_fraction
 from .ray_env import init_ray
 from .roles.coordinator import LOGGED_COMPONENTS, reward_weights
-from .roles.learner import NON_FINITE, raise_if_non_finite
+from .roles.learner import NON_FINITE, START_FAILED, raise_if_non_finite, raise_if_start_failed
 from .roles.placement import RolloutPlacement
 from .roles.rollout import RolloutWorker
 from .run_checkpoints import TRAIN_DIR, latest_checkpoint
@@ -71,7 +71,8 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None, objective: dic
                         label_size)
     val = load_states(cfg.data.datasets, cfg.data.val_split, cfg.data.image_size, cfg.data.val_limit, label_size)
     session = RunSession(cfg, changes).open()
-    (cfg.run_path / NON_FINITE).unlink(missing_ok=True)  # a non-finite stop ended the previous session, not this
+    for record in (NON_FINITE, START_FAILED):  # how the previous session ended, not this one
+        (cfg.run_path / record).unlink(missing_ok=True)
     try:
         try:
             with driver_session(cfg.run_path / LOG_DIR, wait_for="learner-0"):
@@ -121,7 +122,8 @@ def _run(cfg: TrainConfig, session: RunSession, train: list[State], val: list[St
                     cfg.policy.load_kwargs(), str(run_path / LOG_DIR), f"rollout-{i}")
             for i in range(0 if cfg.placement == "hybrid" else cfg.rollout.num_workers)  # hybrid: the learners sample
         ]
-        ray.get([w.ready.remote() for w in rollout_workers])
+        # Not waited for here: the actors load their policy while the reward pool and the learner group start, and
+        # learner rank 0 waits for them (startup takes the longest of the three, not their sum).
         pool = RewardPool(pool_reward(cfg), num_actors=cfg.reward.num_actors, num_cpus_per_actor=cfg.reward.num_cpus,
                           timeout_s=cfg.reward.timeout_s, actor_setup=partial(announce, str(run_path / LOG_DIR)))
         pool.add_targets({s.id: (s.gt, s.fov) for s in train})
@@ -149,6 +151,7 @@ def _run(cfg: TrainConfig, session: RunSession, train: list[State], val: list[St
                                  callbacks=callbacks or []),
         )
         result = _fit(trainer)
+        raise_if_start_failed(run_path)
         raise_if_non_finite(run_path)
     except RunInterrupted:
         # Killing the actors now would only make the learner group fail loudly while the driver leaves; the

@@ -55,3 +55,25 @@ def ray_local():
     assert os.environ["RAY_AUTH_MODE"] == "token"
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory):
+    """The default model at its tiny size (seed 0), saved as a checkpoint folder."""
+    import torch
+
+    from rl_seg.policy.default_model import DefaultModelConfig, DefaultSegModel
+
+    torch.manual_seed(0)
+    return DefaultSegModel(DefaultModelConfig.tiny()).save_pretrained(tmp_path_factory.mktemp("tiny") / "policy")
+
+
+@pytest.fixture(scope="session")
+def colocated_run(ray_local, tiny_policy, tmp_path_factory):
+    """One colocated PPO run (``ppo_runs.COMPARED``), shared by the tests that compare other runs with it (an exact
+    resume, placement=hybrid) and check it end to end: a Ray run costs the 2-core CI machine about 25 s."""
+    from ppo_runs import COMPARED, config
+    from rl_seg.train import run_training
+
+    cfg = config(tmp_path_factory.mktemp("colocated"), tiny_policy, "colocated", *COMPARED)
+    return cfg, run_training(cfg)

@@ -141,5 +141,10 @@ def test_an_actor_that_fails_to_start_is_named_with_its_own_error(ray_local):
     actor = Role.remote()
     with pytest.raises(ray_local.exceptions.ActorDiedError) as caught:
         ray_local.get(actor.ready.remote())
-    assert describe_error(caught.value) == (
-        "error in rollout-3: NonFiniteError: /ckpt: 1 weight tensor(s) hold non-finite values (NaN or inf)")
+    line = "error in rollout-3: NonFiniteError: /ckpt: 1 weight tensor(s) hold non-finite values (NaN or inf)"
+    assert describe_error(caught.value) == line
+    # what learner rank 0 records when it waits for the rollout actors (they start while the learner group does)
+    from rl_seg.roles.learner import wait_for_rollout_workers
+
+    assert wait_for_rollout_workers([]) is None
+    assert wait_for_rollout_workers([actor]) == line

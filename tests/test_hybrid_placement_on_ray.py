@@ -5,7 +5,8 @@ With the default tiny model and two ranks, hybrid must be the colocated run by o
 masks and rewards, iteration after iteration (same seeds, and the old policy's logits it keeps are those the
 colocated learner recomputes), and the same FLOPs split differently between rollout and learn, also across a stop
 and a resume from the checkpoint. With a tiny Sa2VA replica (InternLM2 language model, activation checkpointing on),
-hybrid gives the colocated update again, where the rollout actor ships the frozen towers' outputs to the learner.
+hybrid gives the colocated update again, where the rollout actor ships the frozen towers' outputs to the learner
+(these two runs are also the suite's PPO runs of an InternLM2 Sa2VA folder through the job).
 """
 
 from __future__ import annotations
@@ -16,51 +17,34 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from rl_seg.config import load_config
-from rl_seg.policy.default_model import DefaultModelConfig, DefaultSegModel
 from rl_seg.ppo.config import TrainConfig
 from rl_seg.train import run_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ppo_runs import COMPARED, config, records  # noqa: E402
 from sa2va_replica import build_replica  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
 
-def records(run_path):
-    return [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines()]
-
-
-def tiny_config(tmp_path, policy, name, *overrides) -> TrainConfig:
-    return load_config(TrainConfig, None, [
-        f"name={name}", f"run_dir={tmp_path}", f"policy.name={policy}", "iterations=3", "seed=3",
-        "data.datasets=[drive-sample,arcade-sample]", "data.image_size=48", "data.images_per_iteration=4",
-        "data.val_limit=1", "data.augment=true", "rollout.num_workers=1", "rollout.num_cpus=0.25",
-        "rollout.samples_per_image=3", "reward.num_actors=1", "reward.num_cpus=0.25", "learner.num_workers=2",
-        "learner.cpus_per_worker=0.5", "learner.count_flops=true", "ppo.lr=5e-3", "ppo.warmup_steps=1",
-        "policy.lora.dropout=0.0", "checkpoint_every=1", "val_every=1", "progress=false", *overrides])
-
-
-def test_hybrid_is_the_colocated_run_without_rollout_actors_and_resumes(ray_local, tmp_path):
-    torch.manual_seed(0)
-    policy = DefaultSegModel(DefaultModelConfig.tiny()).save_pretrained(tmp_path / "policy")
-    colocated = tiny_config(tmp_path, policy, "colocated")
-    run_training(colocated)
-    hybrid = tiny_config(tmp_path, policy, "hybrid", "placement=hybrid", "stop_after_iterations=2")
+def test_hybrid_is_the_colocated_run_without_rollout_actors_and_resumes(ray_local, tmp_path, tiny_policy,
+                                                                        colocated_run):
+    colocated, _ = colocated_run
+    hybrid = config(tmp_path, tiny_policy, "hybrid", *COMPARED, "placement=hybrid", "stop_after_iterations=2")
     run_training(hybrid)
     health = json.loads((hybrid.run_path / "health.json").read_text())
     assert health["rollout"] == [] and health["learner"]["world_size"] == 2  # no rollout actor was started
     assert [r["iteration"] for r in records(hybrid.run_path)] == [1, 2]
-    run_training(tiny_config(tmp_path, policy, "hybrid", "placement=hybrid", "resume=true"))
+    run_training(config(tmp_path, tiny_policy, "hybrid", *COMPARED, "placement=hybrid", "resume=true"))
 
     a, b = records(colocated.run_path), records(hybrid.run_path)
-    assert [r["iteration"] for r in a] == [r["iteration"] for r in b] == [1, 2, 3]
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert x["batch_ids"] == y["batch_ids"] and x["batch_views"] == y["batch_views"]
         assert y["reward"] == pytest.approx(x["reward"], rel=1e-9, abs=1e-12)  # the same masks were drawn
-        # iteration 3 came after the resume, whose restored optimizer state is equal to ~1e-6 (as colocated)
+        # iterations 3 and 4 came after the resume, whose restored optimizer state is equal to ~1e-6 (as colocated)
         rel = 1e-9 if y["iteration"] < 3 else 1e-4
         for key in ("reward/dice", "policy_loss", "kl_ref", "val/dice"):
             assert y[key] == pytest.approx(x[key], rel=rel, abs=1e-12), (y["iteration"], key)
@@ -96,9 +80,11 @@ def test_hybrid_on_a_sa2va_replica_is_colocated_with_shipped_frozen_features(ray
         for r in rows:
             for key in ("policy_loss", "reward", "entropy", "kl_ref", "time/rollout", "time/learn"):
                 assert key in r and math.isfinite(r[key]), (key, r.get(key))
-            assert not r["collapsed"]
+            assert not r["collapsed"] and r["empty_mask_fraction"] < 1 and r["full_mask_fraction"] < 1
         assert math.isfinite(rows[-1]["val/dice"])
-        assert (cfg.run_path / "final_adapter" / "adapter_config.json").is_file()
+        adapter = json.loads((cfg.run_path / "final_adapter" / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == str(folder)
+        assert json.loads((cfg.run_path / "samples" / "latest.json").read_text())["iteration"] == 2
         runs[placement] = rows
     colocated, hybrid = runs["colocated"], runs["hybrid"]
     for x, y in zip(colocated, hybrid):

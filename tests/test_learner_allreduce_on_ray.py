@@ -2,8 +2,9 @@
 
 One fixed rollout batch (4 sample images at 32 x 32, K=2 masks each, rewards from the project's reward) and one
 PPO update (epochs=1, minibatches=1: a single optimizer step, gradient accumulation covering the rank's share)
-with 1, 2 and 4 workers. The loss is a mean over images, each rank's accumulation averages its equal share and
-the all-reduce averages the ranks, so 2 and 4 workers must reproduce the 1-worker gradient and weights.
+with 1 and 2 workers. The loss is a mean over images, each rank's accumulation averages its equal share and
+the all-reduce averages the ranks, so 2 workers must reproduce the 1-worker gradient and weights. (Every statistic
+that crosses ranks does so with 2 already; 4 would add a process per rank to the suite's time and nothing else.)
 
 The gradient is compared through Adam's first moment after the step (exp_avg = (1 - beta1) * g), gathered from
 ZeRO-2's partitions, and through the pre-clipping global norm: one Adam step moves each weight by about
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.ray
 # The worker function travels to the Ray Train workers by value (this module is not importable there).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-WORLDS = (1, 2, 4)
+WORLDS = (1, 2)
 MODES = ("group", "pixel", "value")
 IMAGES, K, SIZE = 4, 2, 32
 # float32 sums in a different order (one rank's 4 images vs 2 + 2 reduced): ~1e-7 relative seen; the pixel

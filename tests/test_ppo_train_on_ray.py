@@ -9,6 +9,7 @@ spent restart budgets and a full disk named as such.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,32 +22,17 @@ import torch
 from safetensors.torch import load_file
 
 from rl_seg.config import load_config
-from rl_seg.policy.default_model import DefaultModelConfig, DefaultSegModel
 from rl_seg.ppo.config import TrainConfig
 from rl_seg.run_checkpoints import list_checkpoints
 from rl_seg.run_lock import RunFolderError
 from rl_seg.train import RunFailed, latest_checkpoint, run_training
 
 from mounts import fill, tmpfs
+from ppo_runs import COMPARED, config, lora_weights, overrides, records
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory):
-    torch.manual_seed(0)
-    return DefaultSegModel(DefaultModelConfig.tiny()).save_pretrained(tmp_path_factory.mktemp("tiny") / "policy")
-
-
-def overrides(tmp_path, tiny_policy, name, *extra) -> list[str]:
-    return [f"name={name}", f"run_dir={tmp_path}", f"policy.name={tiny_policy}", "iterations=2", "seed=3",
-            "data.datasets=[drive-sample,arcade-sample]", "data.image_size=48", "data.images_per_iteration=4",
-            "data.val_limit=1", "rollout.num_workers=2", "rollout.num_cpus=0.25", "rollout.samples_per_image=3",
-            "reward.num_actors=2", "reward.num_cpus=0.25", "learner.num_workers=2", "learner.cpus_per_worker=0.5",
-            "ppo.lr=5e-3", "ppo.warmup_steps=1", "policy.lora.dropout=0.0", "checkpoint_every=1", "val_every=1",
-            "progress=false", *extra]
 
 
 #: One rollout actor, reward actor and learner: enough for the tests of how runs end, and quicker to start (each
@@ -55,10 +41,6 @@ SMALL = ("rollout.num_workers=1", "reward.num_actors=1", "learner.num_workers=1"
 #: Two learner ranks fed by one rollout actor (tests of the learner group) / two rollout actors feeding one rank.
 ONE_ROLLOUT = ("rollout.num_workers=1", "reward.num_actors=1")
 ONE_LEARNER = ("learner.num_workers=1", "reward.num_actors=1")
-
-
-def config(tmp_path, tiny_policy, name, *extra) -> TrainConfig:
-    return load_config(TrainConfig, None, overrides(tmp_path, tiny_policy, name, *extra))
 
 
 def driver(ray, tmp_path, args: list[str], log: str) -> subprocess.Popen:
@@ -93,14 +75,6 @@ def own_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip() and not re.match(r"(\x1b\[[0-9;]*m)*\(", line)]
 
 
-def records(run_path):
-    return [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines()]
-
-
-def lora_weights(folder):
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
 def test_a_local_instance_registers_and_listens_on_loopback_only(ray_local):
     """The tests' instance is started as `rl-seg train` starts its own (rl_seg.ray_env.init_ray, no address): it
     must register 127.0.0.1 and listen nowhere else (its GCS, raylet, dashboard, agents and workers)."""
@@ -125,7 +99,7 @@ def _kill_when(run_path, iteration, find_pid, sig=signal.SIGKILL, timeout=240):
             if logged(run_path) >= iteration:
                 try:
                     pid = find_pid()
-                except Exception:  # noqa: BLE001 - Ray's state API may not answer yet: ask again
+                except Exception:  # noqa: BLE001 - not there yet (a restart under way): ask again
                     time.sleep(0.5)
                     continue
                 os.kill(pid, sig)
@@ -138,11 +112,8 @@ def _kill_when(run_path, iteration, find_pid, sig=signal.SIGKILL, timeout=240):
     return thread, killed
 
 
-def test_end_to_end_and_a_resume_continues_exactly(ray_local, tmp_path, tiny_policy):
-    # with augmented views: a resumed run must draw the same views too
-    common = ("iterations=4", "checkpoint_every=2", "data.augment=true", *ONE_ROLLOUT)
-    whole = config(tmp_path, tiny_policy, "whole", *common)
-    summary = run_training(whole)
+def test_end_to_end_and_a_resume_continues_exactly(ray_local, tmp_path, tiny_policy, colocated_run):
+    whole, summary = colocated_run
     # the uninterrupted run, end to end
     rows = records(whole.run_path)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
@@ -164,12 +135,12 @@ def test_end_to_end_and_a_resume_continues_exactly(ray_local, tmp_path, tiny_pol
     assert (last / "adapter" / "adapter_config.json").is_file()
     assert summary["metrics"]["iteration"] == 4 and summary["state"] == "succeeded"
 
-    # the same run stopped after two iterations, then resumed
-    part = config(tmp_path, tiny_policy, "part", *common, "stop_after_iterations=2")
+    # the same run stopped after two iterations, then resumed: it must draw the same images in the same views
+    part = config(tmp_path, tiny_policy, "part", *COMPARED, "stop_after_iterations=2")
     run_training(part)
     assert [r["iteration"] for r in records(part.run_path)] == [1, 2]
     assert not (part.run_path / "final_adapter").exists()
-    resumed = config(tmp_path, tiny_policy, "part", *common, "resume=true")
+    resumed = config(tmp_path, tiny_policy, "part", *COMPARED, "resume=true")
     run_training(resumed)
     state = json.loads((part.run_path / "run_state.json").read_text())
     assert state["state"] == "succeeded" and state["sessions"] == 2 and state["resumed_from_iteration"] == 2
@@ -397,6 +368,27 @@ def test_a_full_disk_fails_the_run_naming_the_path_and_leaves_no_temporary_files
         state = run_state(cfg.run_path)  # written with the disk still full
         assert state["state"] == "failed" and state["error"].startswith("disk full") and str(disk) in state["error"]
         assert not list(cfg.run_path.rglob("*.tmp")) and not list(cfg.run_path.rglob(".*.tmp"))
+
+
+def test_a_checkpoint_with_a_nan_weight_fails_the_run_at_start_without_a_restart(ray_local, tmp_path, tiny_policy):
+    """Every role refuses a damaged checkpoint (rl_seg.guards); the learner group records it and returns instead of
+    raising, which Ray Train would answer with a restart (learner.max_failures=1) that meets the same weights."""
+    from safetensors.torch import save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_policy, damaged)
+    weights = load_file(str(damaged / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config(tmp_path, tiny_policy, "damaged", *SMALL, f"policy.name={damaged}", "learner.max_failures=1")
+    with pytest.raises(RunFailed, match=r"failed after iteration 0 of 2; no checkpoint yet\n  error in "
+                                        r"(learner|rollout)-0: NonFiniteError: .*non-finite") as info:
+        run_training(cfg)
+    assert name in str(info.value) and "restart budget" not in str(info.value)
+    state = run_state(cfg.run_path)
+    assert state["state"] == "failed" and re.match(r"error in (learner|rollout)-0: NonFiniteError", state["error"])
+    assert not (cfg.run_path / "metrics.jsonl").exists() or not records(cfg.run_path)
 
 
 def test_a_nan_stops_the_run_naming_what_where_and_the_last_good_checkpoint(ray_local, tmp_path, tiny_policy):

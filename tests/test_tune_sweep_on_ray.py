@@ -76,7 +76,7 @@ def test_asha_sweep_interrupted_resumes_stops_trials_and_writes_a_loadable_best_
 
     overrides = [f"out_dir={tmp_path}", "num_samples=1", "max_concurrent_trials=1", "metric=weight/dice",
                  "grace_period=1", "reduction_factor=3",
-                 "space={reward.weights.dice: {type: grid, values: [0.5, 0.4, 0.3]}, "
+                 "space={reward.weights.dice: {type: grid, values: [0.5, 0.4]}, "
                  "ppo.lr: {type: choice, values: [0.001]}}"]
     assert load_config(TrainConfig, None, load_config(SweepConfig, CONFIGS / "smoke.yaml", overrides)
                        .train_overrides).iterations == 2
@@ -99,16 +99,16 @@ def test_asha_sweep_interrupted_resumes_stops_trials_and_writes_a_loadable_best_
     # Tune saved its state on Ctrl-C and the sweep wrote what it had: not every trial had finished
     if (path / "trials.csv").exists():
         with (path / "trials.csv").open() as fh:
-            assert len([r for r in csv.DictReader(fh) if r["status"] == "ok"]) < 3
+            assert len([r for r in csv.DictReader(fh) if r["status"] == "ok"]) < 2
 
     summary = run_sweep(load_config(SweepConfig, CONFIGS / "smoke.yaml", [*overrides, "resume=true"]))
     with (path / "trials.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert summary["trials"] == 3 and len(rows) == 3 and summary["failed"] == 0
+    assert summary["trials"] == 2 and len(rows) == 2 and summary["failed"] == 0
     assert all(r["status"] == "ok" for r in rows), rows
     iterations = {float(r["config/reward.weights.dice"]): int(r["iterations"]) for r in rows}
-    # the best ran to the end; each later trial was below the top third at the first rung, so ASHA stopped it
-    assert iterations == {0.5: 2, 0.4: 1, 0.3: 1}
+    # the best ran to the end; the later trial was below the top third at the first rung, so ASHA stopped it
+    assert iterations == {0.5: 2, 0.4: 1}
     best = load_config(TrainConfig, path / "best_config.yaml")
     assert best.reward.weights["dice"] == 0.5 and best.iterations == 2 and best.name == "smoke-best"
     assert (path / "sweep.png").stat().st_size > 1000 and (path / "trials.md").is_file()

@@ -45,7 +45,7 @@ from ..config import from_dict
 from ..console import LOG_DIR, announce
 from ..console import done as console_done
 from ..flops import flop_counter
-from ..guards import non_finite
+from ..guards import NonFiniteError, non_finite
 from ..policy import MaskDistribution, load_policy
 from ..policy.base import autocast_for
 from ..policy.lora import attach_lora, load_adapter_weights
@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 #: Written in the run folder when the learner stops a run on a non-finite value (read by the driver).
 NON_FINITE = "non_finite.json"
+#: Written by rank 0 when a role of the run could not start (``_start_problems``); the driver raises it.
+START_FAILED = "start_failed.json"
 
 
 class PPOModule(nn.Module):
@@ -443,6 +445,46 @@ def raise_if_non_finite(run_path: Path) -> None:
         raise NonFiniteError(f"{record['error']}. The run was stopped; {advice}")
 
 
+def wait_for_rollout_workers(workers: list) -> str | None:
+    """Block until every rollout actor has loaded its policy. None, or the console line naming the first actor
+    whose constructor raised: Ray does not restart such an actor, and a new learner group would meet it again."""
+    from ray.exceptions import ActorDiedError
+
+    from ..console import describe_error
+
+    for worker in workers:
+        try:
+            ray.get(worker.ready.remote())
+        except ActorDiedError as exc:
+            if exc.actor_init_failed:
+                return describe_error(exc)
+            raise
+    return None
+
+
+def _start_problems(problem: str | None, rank: int, world: int, run_path: Path) -> bool:
+    """Whether any rank could not start (``problem`` is this rank's console line). Every rank asks, so that all
+    return together; rank 0 records the first problem for the driver (``raise_if_start_failed``). Returning ends
+    the group normally: Ray Train restarts a group only when its function raises."""
+    problems = [problem] * world
+    if world > 1:
+        dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p]
+    if found and rank == 0:
+        write_json_atomic(run_path / START_FAILED, {"error": found[0], "all": found})
+        log.error("%s", found[0])
+    return bool(found)
+
+
+def raise_if_start_failed(run_path: Path) -> None:
+    """The driver's side: a run whose roles could not start fails with the first one's error."""
+    from ..run_outcome import RoleStartFailed
+
+    record = read_json(Path(run_path) / START_FAILED)
+    if record:
+        raise RoleStartFailed(record["error"])
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: build the engine, restore, then iterate."""
     ctx = ray.train.get_context()
@@ -456,7 +498,18 @@ def train_loop(config: dict) -> None:
     use_gpu = cfg.learner.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
-    policy = attach_lora(load_policy(cfg.policy.name, device=device, **cfg.policy.load_kwargs()), cfg.policy.lora)
+    run_path = Path(config["run_path"])
+    try:
+        policy = load_policy(cfg.policy.name, device=device, **cfg.policy.load_kwargs())
+        problem = None
+    except NonFiniteError as exc:  # a damaged checkpoint: every rank and every restart would refuse it again
+        problem = f"error in learner-{rank}: {type(exc).__name__}: {exc}"
+    # The rollout actors load their policy while this group starts (the driver does not wait for them).
+    if rank == 0 and problem is None:
+        problem = wait_for_rollout_workers(config["rollout_workers"])
+    if _start_problems(problem, rank, world, run_path):
+        return
+    policy = attach_lora(policy, cfg.policy.lora)
     if cfg.policy.init_adapter:  # the rollouts receive it with the first weight sync (version 0)
         load_adapter_weights(policy, cfg.policy.init_adapter)
     if cfg.policy.gradient_checkpointing:
@@ -490,7 +543,6 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             log.info("resumed from %s at iteration %d", checkpoint_dir, start_iteration)
 
-    run_path = Path(config["run_path"])
     logger = health = None
     if rank == 0:
         from ..run_logging import RunLogger
