@@ -23,7 +23,7 @@ import yaml
 from rl_seg.policy.default_model import DefaultModelConfig, DefaultSegModel
 from rl_seg.ray_env import auth_token
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.scenario]
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-control-token"

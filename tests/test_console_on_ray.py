@@ -36,6 +36,7 @@ def _rollout_pid(driver: psutil.Process) -> int | None:
     return None
 
 
+@pytest.mark.scenario
 def test_console_shows_progress_once_and_an_actor_error_once_with_its_role(tmp_path):
     torch.manual_seed(0)
     policy = DefaultSegModel(DefaultModelConfig.tiny()).save_pretrained(tmp_path / "policy")

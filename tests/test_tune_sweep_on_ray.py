@@ -12,6 +12,7 @@ from tune.sweep import CONFIGS, SweepConfig, run_sweep, trial_resources
 pytestmark = pytest.mark.ray
 
 
+@pytest.mark.scenario
 def test_population_based_training_exploits_and_explores(ray_local, tmp_path):
     """PBT over two trials, one segment of one iteration each before the population is compared: the worse
     trial continues from the better one's adapter with perturbed hyperparameters."""
@@ -61,6 +62,7 @@ def test_sweep_config_errors_and_resources():
     assert constrained_objective({"val_dice": 0.8, "val_recall": 0.90}, floor) == pytest.approx(0.8)
 
 
+@pytest.mark.scenario
 def test_asha_sweep_interrupted_resumes_stops_trials_and_writes_a_loadable_best_config(ray_local, tmp_path):
     """Ctrl-C a running sweep (Tune saves its state), then resume=true finishes it: every trial is accounted for,
     ASHA stops the ones it must, and the best config is a ready-to-run train config.
