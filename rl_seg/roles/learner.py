@@ -447,18 +447,19 @@ def raise_if_non_finite(run_path: Path) -> None:
 
 def wait_for_rollout_workers(workers: list) -> str | None:
     """Block until every rollout actor has loaded its policy. None, or the console line naming the first actor
-    whose constructor raised: Ray does not restart such an actor, and a new learner group would meet it again."""
-    from ray.exceptions import ActorDiedError
+    whose constructor raised: Ray does not restart such an actor, and a new learner group would meet it again.
+    An actor that died later (a restarted group finds it dead or restarting) is the coordinator's to handle: it
+    waits for the restart, redoes the requests and names a spent restart budget."""
+    from ray.exceptions import ActorDiedError, RayActorError
 
     from ..console import describe_error
 
     for worker in workers:
         try:
             ray.get(worker.ready.remote())
-        except ActorDiedError as exc:
-            if exc.actor_init_failed:
+        except RayActorError as exc:
+            if isinstance(exc, ActorDiedError) and exc.actor_init_failed:
                 return describe_error(exc)
-            raise
     return None
 
 
