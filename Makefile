@@ -10,7 +10,8 @@ quickstart: $(STAMP)
 	$(BIN)/python -m rl_seg.quickstart $(ARGS)
 
 # The suite in two parts, both run by CI (.ci/run): everything but the operator scenarios (under 20 minutes on a
-# 2-core machine), then the scenarios (tests marked `scenario` in pyproject.toml: about 8 minutes more).
+# 2-core machine: 15 minutes on a fresh clone, install included), then the scenarios (tests marked `scenario` in
+# pyproject.toml: about 7 minutes more).
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not scenario"
 

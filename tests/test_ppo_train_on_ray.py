@@ -3,7 +3,7 @@
 End to end, a rollout actor killed mid-run, a learner worker killed mid-run, and an exact resume; and how runs
 end (issue 16): a second driver refused, Ctrl-C and SIGTERM recorded as interruptions with the command that
 resumes them (exit 130 / 143, no stack dump), a restart under the same name, a stop through the status service,
-spent restart budgets and a full disk named as such.
+spent restart budgets, a full disk and a damaged checkpoint named as such.
 """
 
 import json
@@ -38,9 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 #: One rollout actor, reward actor and learner: enough for the tests of how runs end, and quicker to start (each
 #: actor is a process that imports torch, peft and DeepSpeed: about 9 s of CPU on the 2-core CI machine).
 SMALL = ("rollout.num_workers=1", "reward.num_actors=1", "learner.num_workers=1", "data.images_per_iteration=2")
-#: Two learner ranks fed by one rollout actor (tests of the learner group) / two rollout actors feeding one rank.
-ONE_ROLLOUT = ("rollout.num_workers=1", "reward.num_actors=1")
-ONE_LEARNER = ("learner.num_workers=1", "reward.num_actors=1")
 
 
 def driver(ray, tmp_path, args: list[str], log: str) -> subprocess.Popen:
