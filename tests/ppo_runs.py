@@ -1,4 +1,4 @@
-"""Configs of the tiny PPO runs the Ray tests start, and readers of what a run wrote."""
+"""Configs of the tiny PPO runs the Ray tests start, readers of what a run wrote, and their processes."""
 
 from __future__ import annotations
 
@@ -36,3 +36,17 @@ def records(run_path) -> list[dict]:
 
 def lora_weights(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def ray_process_pid(name: str, root: int | None = None) -> int:
+    """The pid of a live ``ray::<name>`` process below ``root`` (default: this process, whose descendants are the
+    test session's Ray instance): quicker than Ray's state API, which a loaded machine can keep waiting seconds."""
+    import psutil
+
+    for child in psutil.Process(root).children(recursive=True):
+        try:
+            if child.cmdline()[:1] and child.cmdline()[0].startswith(f"ray::{name}"):
+                return child.pid
+        except psutil.Error:
+            continue
+    raise LookupError(f"no live ray::{name} process")

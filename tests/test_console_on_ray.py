@@ -12,11 +12,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from rl_seg.policy.default_model import DefaultModelConfig, DefaultSegModel
+
+from ppo_runs import ray_process_pid
 
 pytestmark = pytest.mark.ray
 
@@ -24,16 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 ITERATIONS = 40
 NOISE = ("TrainingReport", "Reporting training result", "PlacementGroupCleaner", "Failed to query Ray Train",
          "RayTrainWorker pid=", "TrainController pid=", "Traceback", "warnings.warn", "DeepSpeed")
-
-
-def _rollout_pid(driver: psutil.Process) -> int | None:
-    for proc in driver.children(recursive=True):
-        try:
-            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RolloutWorker"):
-                return proc.pid
-        except psutil.NoSuchProcess:
-            continue
-    return None
 
 
 @pytest.mark.scenario
@@ -56,7 +47,7 @@ def test_console_shows_progress_once_and_an_actor_error_once_with_its_role(tmp_p
         while time.time() < deadline and proc.poll() is None:
             metrics = run / "metrics.jsonl"
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                killed = _rollout_pid(psutil.Process(proc.pid))
+                killed = ray_process_pid("RolloutWorker", root=proc.pid)
                 os.kill(killed, 9)
                 break
             time.sleep(0.2)

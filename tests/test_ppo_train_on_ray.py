@@ -28,7 +28,7 @@ from rl_seg.run_lock import RunFolderError
 from rl_seg.train import RunFailed, latest_checkpoint, run_training
 
 from mounts import fill, tmpfs
-from ppo_runs import COMPARED, config, lora_weights, overrides, records
+from ppo_runs import COMPARED, config, lora_weights, overrides, ray_process_pid, records
 
 pytestmark = pytest.mark.ray
 
@@ -202,20 +202,6 @@ def test_resume_without_a_run_and_rerun_are_clear_errors(ray_local, tmp_path, ti
         run_training(config(tmp_path, tiny_policy, "taken"))
 
 
-def _process_pid(name: str) -> int:
-    """The pid of a live ``ray::<name>`` process of this test session's Ray instance (its processes are this
-    process's descendants): quicker than Ray's state API, which a loaded machine can keep waiting for seconds."""
-    import psutil
-
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.cmdline()[:1] and child.cmdline()[0].startswith(f"ray::{name}"):
-                return child.pid
-        except psutil.Error:
-            continue
-    raise LookupError(f"no live ray::{name} process")
-
-
 def test_killed_learner_worker_and_rollout_actor_are_restarted_and_nothing_is_lost(ray_local, tmp_path, tiny_policy):
     """A learner rank killed mid-run: the group restarts from the last checkpoint and redoes what followed it. Then a
     rollout actor killed mid-run: Ray restarts it and its requests are redone. Every iteration is recorded once."""
@@ -224,14 +210,14 @@ def test_killed_learner_worker_and_rollout_actor_are_restarted_and_nothing_is_lo
     args = overrides(tmp_path, tiny_policy, "kill", "iterations=8", "checkpoint_every=2", "val_every=0",
                      "learner.max_failures=1", "keep_checkpoints=1", "reward.num_actors=1")
     cfg = load_config(TrainConfig, None, args)
-    learner_thread, learner_killed = _kill_when(cfg.run_path, 3, lambda: _process_pid("RayTrainWorker"))
+    learner_thread, learner_killed = _kill_when(cfg.run_path, 3, lambda: ray_process_pid("RayTrainWorker"))
 
     def rollout_after_the_restart() -> int:
         # after the group's restart, so that no checkpoint restore can forget the rollout actor's restart
         health = json.loads((cfg.run_path / "health.json").read_text())
         if health["learner"]["starts"] < 2 or logged(cfg.run_path) < 4:
             raise LookupError("the learner group has not restarted yet")
-        return _process_pid("RolloutWorker")
+        return ray_process_pid("RolloutWorker")
 
     rollout_thread, rollout_killed = _kill_when(cfg.run_path, 4, rollout_after_the_restart)
     # a second driver for the same run folder, started once the first holds it: refused, naming the holder
@@ -338,7 +324,7 @@ def test_a_spent_restart_budget_is_named(ray_local, tmp_path, tiny_policy, role,
     # long enough that the kill (found through Ray's state API, which can take a while) comes mid-run
     cfg = config(tmp_path, tiny_policy, "budget", *SMALL, "iterations=2000", "val_every=0", "learner.max_failures=0",
                  budget)
-    thread, killed = _kill_when(cfg.run_path, 2, lambda: _process_pid(role))
+    thread, killed = _kill_when(cfg.run_path, 2, lambda: ray_process_pid(role))
     with pytest.raises(RunFailed, match=f"restart budget exhausted: .*{budget}"):
         run_training(cfg)
     thread.join(5)
